@@ -175,7 +175,13 @@ def cmd_bib(args) -> int:
 def cmd_schema(args) -> int:
     text = cat.json_schema_text()
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        out = Path(args.output)
+        if not out.parent.is_dir():
+            raise CLIError(f"-o {args.output}: directory {out.parent} does not exist")
+        try:
+            out.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise CLIError(f"-o {args.output}: cannot write it ({e.strerror})") from None
     else:
         sys.stdout.write(text)
     return 0
@@ -240,28 +246,39 @@ def format_results(results: dict) -> str:
     return head + "\n" + _table(rows, ["metric", "trained", "random init"], {})
 
 
+TRAIN_DEFAULTS = dict(data="digits", backbone="small_cnn", seed=0, workers=1, linear_epochs=100, preset="auto",
+                      augment="device", checkpoint_minutes=10.0, collapse_threshold=1e-4, device="auto")
+
+
 def cmd_train(args) -> int:
     from selfsup import data, methods, train
 
+    given = {k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None}
     try:
         overrides = methods.parse_overrides(args.set)
+        common = dict(
+            epochs=args.epochs, steps=args.steps, num_workers=given.get("workers"),
+            linear_epochs=given.get("linear_epochs"), checkpoint_every=args.checkpoint_every,
+            checkpoint_minutes=given.get("checkpoint_minutes"), collapse_threshold=given.get("collapse_threshold"),
+        )
         if args.resume:
             if not args.out:
                 raise CLIError("--resume needs --out RUN_DIR, the run to continue")
-            results = train.resume(args.out, device=args.device if args.device != "auto" else None)
+            fixed = dict(data=given.get("data"), data_dir=args.data_dir, backbone=given.get("backbone"),
+                         image_size=args.image_size, batch_size=args.batch_size, seed=given.get("seed"),
+                         preset=given.get("preset"), augment=given.get("augment"), overrides=overrides or None)
+            results = train.resume(args.out, method=args.method, device=given.get("device"),
+                                   progress=False if args.no_progress else None, **common, **fixed)
         else:
-            if args.epochs is not None and args.steps is not None:
-                raise CLIError("give --epochs or --steps, not both")
-            for flag, value in (("--epochs", args.epochs), ("--steps", args.steps), ("--batch-size", args.batch_size)):
-                if value is not None and value < 1:
-                    raise CLIError(f"{flag} must be at least 1, got {value}")
+            settings = {**TRAIN_DEFAULTS, **given}
             rc = train.RunConfig(
-                method=args.method, data=args.data, data_dir=args.data_dir, backbone=args.backbone,
-                image_size=args.image_size, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-                out=args.out, device=args.device, seed=args.seed, num_workers=args.workers, overrides=overrides,
-                preset=args.preset,
-                linear_epochs=args.linear_epochs, collapse_threshold=args.collapse_threshold,
-                progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
+                method=args.method, data=settings["data"], data_dir=args.data_dir, backbone=settings["backbone"],
+                image_size=args.image_size, batch_size=args.batch_size, out=args.out, device=settings["device"],
+                seed=settings["seed"], overrides=overrides, preset=settings["preset"], augment=settings["augment"],
+                progress=not args.no_progress,
+                **{**common, "num_workers": settings["workers"], "linear_epochs": settings["linear_epochs"],
+                   "checkpoint_minutes": settings["checkpoint_minutes"],
+                   "collapse_threshold": settings["collapse_threshold"]},
             )
             results = train.train(rc)
     except (methods.MethodError, data.DataError, train.TrainingError, train.backbones.BackboneError) as e:
@@ -279,8 +296,8 @@ def cmd_eval(args) -> int:
 
     run = Path(args.run_dir)
     try:
-        results = train.evaluate_run(run, device=args.device)
-    except (methods.MethodError, data.DataError, train.TrainingError) as e:
+        results = train.evaluate_run(run, device=args.device, method=args.method)
+    except (methods.MethodError, data.DataError, train.TrainingError, train.backbones.BackboneError) as e:
         raise CLIError(str(e)) from None
     if args.json:
         print(json.dumps(results, indent=2))
@@ -321,27 +338,31 @@ def _add_train_commands(sub) -> None:
         "evaluate it. Epochs and batch size default to the method's Config (the paper's values).",
     )
     s.add_argument("method", help="catalog id (simclr, byol, ...) or path to a method .py file")
-    s.add_argument("--data", default="digits",
-                   help="digits (default, bundled), cifar10, cifar100, stl10, imagefolder, an ImageFolder path, "
-                   "or an archive such as cifar10-jpeg.tar.gz")
+    s.add_argument("--data", help="digits (default, bundled), cifar10, cifar100, stl10, imagefolder, an ImageFolder "
+                   "path, or an archive such as cifar10-jpeg.tar.gz")
     s.add_argument("--data-dir", help="where the data set lives (torchvision/imagefolder) or the extraction cache (archives)")
-    s.add_argument("--backbone", default="small_cnn", help=BACKBONE_HELP)
-    s.add_argument("--image-size", type=int, help="resize images to this side (default: the data set's)")
+    s.add_argument("--backbone", help=BACKBONE_HELP)
+    s.add_argument("--image-size", type=int, help="resize images to this side (default: the data set's; at least 8)")
     s.add_argument("--epochs", type=int, help="training epochs (default: the method's Config)")
     s.add_argument("--steps", type=int, help="training steps instead of epochs")
     s.add_argument("--batch-size", type=int, help="per-process batch size (default: the method's Config)")
     s.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a Config field, e.g. --set temperature=0.2")
-    s.add_argument("--preset", default="auto",
-                   help="paper (the Config's defaults), small (the method file's CPU preset), or auto "
-                   "(default: small on digits, paper elsewhere)")
-    s.add_argument("--out", help="run directory (default: runs/METHOD-DATA-BACKBONE)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    s.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=1, help="data-loader worker processes (default: 1)")
-    s.add_argument("--linear-epochs", type=int, default=100, help="epochs of the linear probe; 0 skips it")
-    s.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default: 100)")
-    s.add_argument("--collapse-threshold", type=float, default=1e-4,
+    s.add_argument("--preset", help="paper (the Config's defaults), a preset of the method file (small: its CPU "
+                   "preset), or auto (default: small on digits, paper elsewhere)")
+    s.add_argument("--augment", choices=["device", "loader"],
+                   help="device (default): the views are made batched on the training device where the recipe "
+                   "translates; loader: per image in the loader workers")
+    s.add_argument("--out", help="run directory (default: runs/METHOD-DATA-BACKBONE); a fresh run needs it empty")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (--steps/--epochs may extend it)")
+    s.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--workers", type=int, help="data-loader worker processes (default: 1)")
+    s.add_argument("--linear-epochs", type=int, help="epochs of the linear probe (default: 100); 0 skips it")
+    s.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (checkpoints come at every "
+                   "epoch end and every --checkpoint-minutes anyway)")
+    s.add_argument("--checkpoint-minutes", type=float, help="minutes of training between checkpoints (default: 10)")
+    s.add_argument("--collapse-threshold", type=float,
                    help="stop when the embedding std falls below this (default: 1e-4; 0 disables)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_train)
@@ -366,6 +387,7 @@ def _add_train_commands(sub) -> None:
 
     s = sub.add_parser("eval", help="evaluate a run directory's last checkpoint")
     s.add_argument("run_dir")
+    s.add_argument("--method", help="the method file of a run trained from a path (a run directory cannot choose code)")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.set_defaults(func=cmd_eval)
@@ -393,12 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Every command reads the repository under --root: check it once, before any command runs.
+        if args.root and not Path(args.root).is_dir():
+            raise CLIError(f"--root {args.root}: no such directory")
+        if args.root and not all((Path(args.root) / d).is_dir() for d in ("catalog", "taxonomy")):
+            raise CLIError(f"--root {args.root}: not a selfsup repository (it needs catalog/ and taxonomy/)")
         return args.func(args)
     except CLIError as e:
         print(f"selfsup {args.command}: error: {e}", file=sys.stderr)
         return 2
     except cat.CatalogError as e:
-        print(f"selfsup {args.command}: the taxonomy is broken:\n{e}", file=sys.stderr)
+        problems = "; ".join(str(p) for p in e.problems)
+        print(f"selfsup {args.command}: error: the taxonomy is broken: {problems}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

@@ -1,6 +1,6 @@
 """Data sets for training and evaluation.
 
-Every data set is a pair of train/test splits of RGB PIL images with integer labels. Names:
+Every data set is a pair of train/test splits of RGB images with integer labels. Names:
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), upscaled to
   32x32 RGB, with a fixed stratified 80/20 split. The embedded default.
@@ -9,11 +9,17 @@ Every data set is a pair of train/test splits of RGB PIL images with integer lab
 - ``imagefolder``: a directory with ``train/<class>/*`` and ``test/<class>/*`` (or only class folders,
   split 80/20 with a fixed seed).
 - a path to a ``.tar``/``.tar.gz``/``.tgz``/``.zip`` archive in ImageFolder layout (e.g. CIFAR-10 as
-  JPEG files), extracted once into a cache directory; members that would escape it are refused.
+  JPEG files), extracted once into a cache directory; members that would escape it are refused, and so
+  is an archive whose contents would expand past 100x its size or past the free space of the cache disk.
 
-:class:`ViewDataset` wraps a split with a method's view transform. Its randomness is a function of
-(seed, epoch, sample index) only, so a run is reproducible with any number of loader workers and a
-resumed run sees exactly the views it would have seen.
+Small images (up to 128 px: digits, CIFAR, STL-10, small ImageFolders) are decoded once into a uint8
+tensor (N, 3, H, W), so no JPEG is decoded while training; an ImageFolder's decoded pixels are kept in
+the cache directory (memory-mapped when they would not fit comfortably in RAM) and reused by later runs.
+Larger images are decoded per access, in the loader workers.
+
+:class:`ViewDataset` wraps a split with the part of a method's views that runs per image (see
+:mod:`selfsup.views`). Its randomness is a function of (seed, epoch, sample index) only, so a run is
+reproducible with any number of loader workers and a resumed run sees exactly the views it would have seen.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import hashlib
 import os
 import shutil
 import tarfile
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,27 +43,44 @@ from torch.utils.data import Dataset
 BUILTIN = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SMALL_IMAGE_MAX = 128
+"""Images up to this side are decoded once into memory; larger ones per access."""
+MAX_IMAGE_PIXELS = 64_000_000
+"""A file that declares more pixels than this (a decompression bomb) is refused before it is decoded."""
+MAX_EXPANSION = 100
+"""An archive may expand to at most this multiple of its own size."""
 
 
 class DataError(Exception):
-    """A data set that cannot be loaded: unknown name, missing path, empty folder, bad archive."""
+    """A data set that cannot be loaded: unknown name, missing path, empty folder, bad archive or image."""
 
 
 @dataclass
 class Split:
-    """Images (PIL, RGB) and labels of one split."""
+    """Labels and images of one split: ``pixels`` (N, 3, H, W) uint8 when decoded in memory, else
+    ``decode(i)`` returns image i as a (3, H, W) uint8 tensor."""
 
-    images: Sequence[Image.Image] | Callable[[int], Image.Image]
     labels: np.ndarray
     classes: list[str]
+    pixels: torch.Tensor | None = None
+    decode: Callable[[int], torch.Tensor] | None = None
+    mapped: bool = False
+    """``pixels`` is a memory-mapped file in the cache directory."""
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def image(self, i: int) -> Image.Image:
-        if callable(self.images):
-            return self.images(i)
-        return self.images[i]
+    @property
+    def in_memory(self) -> bool:
+        return self.pixels is not None
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image i as a (3, H, W) uint8 tensor."""
+        return self.pixels[i] if self.pixels is not None else self.decode(i)
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels.numel() if self.pixels is not None else 0
 
 
 @dataclass
@@ -73,6 +98,20 @@ class DataSet:
     def num_classes(self) -> int:
         return len(self.train.classes)
 
+    def describe(self) -> str:
+        """One line: sizes, and how much memory the decoded images take."""
+        n = f"{self.name}: {len(self.train):,} train + {len(self.test):,} test images, {self.num_classes} classes"
+        if self.train.in_memory:
+            mib = (self.train.nbytes + self.test.nbytes) / 2**20
+            mapped = " (memory-mapped)" if self.train.mapped else " in memory"
+            return f"{n}, decoded to uint8 {tuple(self.train.pixels.shape[1:])}: {mib:.1f} MiB{mapped}"
+        return f"{n}, decoded per access ({self.image_size} px views)"
+
+
+def _stack_hwc(arrays: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 array -> contiguous (N, 3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(arrays).transpose(0, 3, 1, 2)))
+
 
 # ------------------------------------------------------------------------------------------------
 # digits: the embedded default
@@ -89,12 +128,13 @@ def load_digits(image_size: int = 32, seed: int = 0) -> DataSet:
         np.arange(len(x)), test_size=0.2, random_state=seed, stratify=d.target
     )
 
-    def to_pil(a: np.ndarray) -> Image.Image:
-        return Image.fromarray(a, mode="L").resize((image_size, image_size), Image.BILINEAR).convert("RGB")
+    def upscale(idx: np.ndarray) -> torch.Tensor:
+        big = [np.asarray(Image.fromarray(x[i], mode="L").resize((image_size, image_size), Image.BILINEAR)) for i in idx]
+        return torch.from_numpy(np.stack(big))[:, None].expand(-1, 3, -1, -1).contiguous()  # (N, 3, S, S)
 
     classes = [str(c) for c in range(10)]
-    train = Split([to_pil(x[i]) for i in idx_train], d.target[idx_train].astype(np.int64), classes)
-    test = Split([to_pil(x[i]) for i in idx_test], d.target[idx_test].astype(np.int64), classes)
+    train = Split(d.target[idx_train].astype(np.int64), classes, pixels=upscale(idx_train))
+    test = Split(d.target[idx_test].astype(np.int64), classes, pixels=upscale(idx_test))
     # 15 epochs of 22 steps at batch 64 with the methods' "small" presets: about two minutes per method
     # on a 2-core CPU with the small CNN (see benchmarks/results/knn-digits.json)
     budget = {"epochs": 15, "batch_size": 64, "preset": "small"}
@@ -111,14 +151,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _from_torchvision(train_ds, test_ds, classes: list[str]) -> tuple[Split, Split]:
-    def split(ds) -> Split:
-        labels = np.asarray(getattr(ds, "targets", None) or getattr(ds, "labels", None), dtype=np.int64)
-        return Split(lambda i, ds=ds: ds[i][0].convert("RGB"), labels, classes)
-
-    return split(train_ds), split(test_ds)
-
-
 def load_torchvision(name: str, root: Path, download: bool = False) -> DataSet:
     from torchvision import datasets
 
@@ -127,12 +159,16 @@ def load_torchvision(name: str, root: Path, download: bool = False) -> DataSet:
             cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
             tr = cls(str(root), train=True, download=download)
             te = cls(str(root), train=False, download=download)
-            train, test = _from_torchvision(tr, te, list(tr.classes))
+            classes = list(tr.classes)
+            train = Split(np.asarray(tr.targets, dtype=np.int64), classes, pixels=_stack_hwc(tr.data))
+            test = Split(np.asarray(te.targets, dtype=np.int64), classes, pixels=_stack_hwc(te.data))
             return DataSet(name, train, test, 32, CIFAR_MEAN, CIFAR_STD)
         if name == "stl10":
             tr = datasets.STL10(str(root), split="train", download=download)
             te = datasets.STL10(str(root), split="test", download=download)
-            train, test = _from_torchvision(tr, te, list(tr.classes))
+            classes = list(tr.classes)
+            train = Split(np.asarray(tr.labels, dtype=np.int64), classes, pixels=torch.from_numpy(tr.data))
+            test = Split(np.asarray(te.labels, dtype=np.int64), classes, pixels=torch.from_numpy(te.data))
             return DataSet(name, train, test, 96, IMAGENET_MEAN, IMAGENET_STD)
     except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True"
         raise DataError(
@@ -140,6 +176,86 @@ def load_torchvision(name: str, root: Path, download: bool = False) -> DataSet:
             "or download it first (torchvision's download=True, outside selfsup)."
         ) from None
     raise DataError(f"unknown torchvision data set {name!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Image files: bounded, named decoding errors
+# ------------------------------------------------------------------------------------------------
+
+
+def read_image(path: Path, size: int | None = None) -> np.ndarray:
+    """One image file as an (H, W, 3) uint8 array; resized (shorter side) and centre-cropped to
+    ``size`` x ``size`` when given. A corrupt file or a decompression bomb is a DataError naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size  # read from the header, before any pixel is decoded
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise DataError(f"{path}: declares {w}x{h} pixels, more than the {MAX_IMAGE_PIXELS:,} allowed; refusing to decode it")
+                im = im.convert("RGB")
+                if size is not None and (w, h) != (size, size):
+                    scale = size / min(w, h)
+                    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+                    left, top = (im.width - size) // 2, (im.height - size) // 2
+                    im = im.crop((left, top, left + size, top + size))
+                return np.asarray(im)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: cannot be decoded as an image ({type(e).__name__}: {e})") from None
+
+
+def _tensor_of(path: Path) -> torch.Tensor:
+    return torch.from_numpy(read_image(path).transpose(2, 0, 1).copy())
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def decode_files(files: Sequence[Path], size: int, cache: Path | None) -> tuple[torch.Tensor, bool]:
+    """Decode every file into (N, 3, size, size) uint8, in threads (PIL releases the GIL while decoding).
+
+    With a cache directory, the pixels are written to ``cache/<key>.u8`` once and reused while the files
+    are unchanged; they are read into memory when they take under a quarter of the available RAM, else
+    memory-mapped. Returns the tensor and whether it is memory-mapped."""
+    shape = (len(files), size, size, 3)
+    nbytes = int(np.prod(shape))
+    path = None
+    if cache is not None:
+        h = hashlib.sha256(f"{size}".encode())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        path = cache / f"decoded-{h.hexdigest()[:16]}.u8"
+    if path is None or not path.is_file() or path.stat().st_size != nbytes:
+        out = np.empty(shape, dtype=np.uint8)
+
+        def put(i: int) -> None:
+            out[i] = read_image(files[i], size)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(put, range(len(files)), chunksize=256))
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".partial")
+                out.tofile(tmp)
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only cache only costs the decoding next time
+        return _stack_hwc(out), False
+    if nbytes < _available_memory() // 4:
+        return _stack_hwc(np.fromfile(path, dtype=np.uint8).reshape(shape)), False
+    mm = np.memmap(path, dtype=np.uint8, mode="c", shape=shape)
+    return torch.from_numpy(mm).permute(0, 3, 1, 2), True  # (N, 3, H, W) view of the file
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,15 +276,12 @@ def _scan_classes(folder: Path) -> tuple[list[Path], np.ndarray, list[str]]:
         labels += [c] * len(found)
     if not files:
         raise DataError(f"{folder}: the class folders hold no images ({', '.join(IMG_EXTENSIONS)})")
+    if len(classes) < 2:
+        raise DataError(f"{folder}: one class folder ({classes[0]}); k-NN and linear evaluation need at least two classes")
     return files, np.asarray(labels, dtype=np.int64), classes
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def load_imagefolder(root: Path, image_size: int | None = None, seed: int = 0) -> DataSet:
+def load_imagefolder(root: Path, image_size: int | None = None, seed: int = 0, cache: Path | None = None) -> DataSet:
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: no such directory")
@@ -189,11 +302,18 @@ def load_imagefolder(root: Path, image_size: int | None = None, seed: int = 0) -
         te_idx, tr_idx = perm[:n_test], perm[n_test:]
         tr_files, tr_labels = [files[i] for i in tr_idx], labels[tr_idx]
         te_files, te_labels = [files[i] for i in te_idx], labels[te_idx]
-    if image_size is None:  # small images keep their size (CIFAR-like); large ones train at 224 px
-        with Image.open(tr_files[0]) as im:
-            image_size = min(im.size) if min(im.size) <= 128 else 224
-    train = Split(lambda i: _open_rgb(tr_files[i]), tr_labels, classes)
-    test = Split(lambda i: _open_rgb(te_files[i]), te_labels, classes)
+    side = min(read_image(tr_files[0]).shape[:2])
+    if side <= SMALL_IMAGE_MAX:  # decoded once, at the first image's side (all of CIFAR's are 32x32)
+        cache = cache or default_cache_dir() / "decoded"
+        tr_px, mapped = decode_files(tr_files, side, cache)
+        te_px, _ = decode_files(te_files, side, cache)
+        train = Split(tr_labels, classes, pixels=tr_px, mapped=mapped)
+        test = Split(te_labels, classes, pixels=te_px, mapped=mapped)
+        image_size = image_size or side
+    else:  # large images train at 224 px unless told otherwise
+        train = Split(tr_labels, classes, decode=lambda i: _tensor_of(tr_files[i]))
+        test = Split(te_labels, classes, decode=lambda i: _tensor_of(te_files[i]))
+        image_size = image_size or 224
     return DataSet(root.name, train, test, image_size, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -211,8 +331,26 @@ def _safe_target(dest: Path, member_name: str) -> Path:
     return target
 
 
+def _check_expansion(archive: Path, total: int, dest_parent: Path) -> None:
+    """Refuse, before anything is written, an archive that would fill the disk (a zip or tar bomb)."""
+    limit = MAX_EXPANSION * max(archive.stat().st_size, 1)
+    if total > limit:
+        raise DataError(
+            f"{archive}: its members would expand to {total / 2**20:,.1f} MiB, more than {MAX_EXPANSION}x the "
+            f"archive's size; refusing to extract"
+        )
+    dest_parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dest_parent).free
+    if total > free:
+        raise DataError(
+            f"{archive}: its members would expand to {total / 2**20:,.1f} MiB, more than the "
+            f"{free / 2**20:,.1f} MiB free under {dest_parent}; refusing to extract"
+        )
+
+
 def extract_archive(archive: Path, cache_dir: Path | None = None) -> Path:
-    """Extract once into ``cache_dir/<name>-<hash>``; refuses links and members outside the target."""
+    """Extract once into ``cache_dir/<name>-<hash>``; refuses links, members outside the target and
+    archives that would expand past their bound."""
     archive = Path(archive)
     if not archive.is_file():
         raise DataError(f"{archive}: no such archive file")
@@ -223,13 +361,14 @@ def extract_archive(archive: Path, cache_dir: Path | None = None) -> Path:
     if (dest / ".complete").exists():
         return dest
     tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
         if archive.name.endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
+                infos = zf.infolist()
+                for info in infos:
                     _safe_target(tmp, info.filename)
+                _check_expansion(archive, sum(i.file_size for i in infos), dest.parent)
+                _fresh_dir(tmp)
                 zf.extractall(tmp)
         else:
             with tarfile.open(archive) as tf:
@@ -238,7 +377,10 @@ def extract_archive(archive: Path, cache_dir: Path | None = None) -> Path:
                     _safe_target(tmp, m.name)
                     if not (m.isfile() or m.isdir()):
                         raise DataError(f"archive member {m.name!r} is a link or device; refusing to extract")
-                tf.extractall(tmp, members=members)
+                _check_expansion(archive, sum(m.size for m in members), dest.parent)
+                _fresh_dir(tmp)
+                extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
+                tf.extractall(tmp, members=members, **extra)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{archive}: cannot be extracted ({e})") from None
@@ -246,9 +388,15 @@ def extract_archive(archive: Path, cache_dir: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     (tmp / ".complete").touch()
-    shutil.rmtree(dest, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)  # an incomplete earlier extraction (no .complete)
     os.replace(tmp, dest)
     return dest
+
+
+def _fresh_dir(path: Path) -> None:
+    """The ``.partial`` directory of an interrupted extraction is ours to replace."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
 
 
 def _archive_root(dest: Path) -> Path:
@@ -273,15 +421,18 @@ def load_dataset(
         return load_digits(image_size or 32)
     if lowered in ("cifar10", "cifar100", "stl10"):
         root = Path(data_dir) if data_dir else default_cache_dir() / lowered
-        return load_torchvision(lowered, root, download=download)
+        ds = load_torchvision(lowered, root, download=download)
+        ds.image_size = image_size or ds.image_size
+        return ds
     if lowered == "imagefolder":
         if not data_dir:
             raise DataError("imagefolder needs --data-dir pointing at the image folder")
         return load_imagefolder(Path(data_dir), image_size)
     path = Path(name)
     if any(str(path).endswith(s) for s in ARCHIVE_SUFFIXES):
-        dest = extract_archive(path, Path(data_dir) if data_dir else None)
-        ds = load_imagefolder(_archive_root(dest), image_size)
+        cache = Path(data_dir) if data_dir else None
+        dest = extract_archive(path, cache)
+        ds = load_imagefolder(_archive_root(dest), image_size, cache=(cache or default_cache_dir()) / "decoded")
         ds.name = path.name.split(".")[0]
         if ds.name.startswith("cifar"):
             ds.mean, ds.std = CIFAR_MEAN, CIFAR_STD
@@ -302,10 +453,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ViewDataset(Dataset):
-    """A split whose items are ``(views, index, label)``; views come from ``transform(image)``."""
+    """A split whose items are ``(views, index, label)``.
 
-    def __init__(self, split: Split, transform: Callable, seed: int = 0):
-        self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
+    ``transforms`` is one per-image transform per view (``None``: the image as it is, uint8); when every
+    transform is ``None`` the image is returned once and the views are made from it on the device."""
+
+    def __init__(self, split: Split, transforms: Sequence[Callable | None], seed: int = 0):
+        self.split, self.transforms, self.seed, self.epoch = split, list(transforms), seed, 0
+        self.shared = all(t is None for t in self.transforms)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -315,15 +470,15 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, i: int):
         img = self.split.image(i)
+        if self.shared:
+            return [img], i, int(self.split.labels[i])
         state = torch.random.get_rng_state()
         torch.manual_seed(sample_seed(self.seed, self.epoch, i))
         try:
-            views = self.transform(img)
+            views = [img if t is None else t(img) for t in self.transforms]
         finally:
             torch.random.set_rng_state(state)
-        if isinstance(views, torch.Tensor):
-            views = [views]
-        return list(views), i, int(self.split.labels[i])
+        return views, i, int(self.split.labels[i])
 
 
 def collate_views(items):

@@ -33,28 +33,36 @@ class _Images(Dataset):
 
 
 def eval_transform(image_size: int, mean, std):
+    """Per image (a uint8 tensor or PIL image): resize, centre crop, scale to [0, 1], normalise."""
     from torchvision.transforms import v2
 
     # ImageNet-sized images: resize to 256/224 of the crop, then centre-crop (the standard protocol)
     resize = image_size if image_size < 128 else round(image_size * 256 / 224)
     return v2.Compose([
-        v2.Resize(resize, antialias=True), v2.CenterCrop(image_size),
-        v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
+        v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
     ])
 
 
 @torch.no_grad()
 def extract_features(
-    embed: Callable[[torch.Tensor], torch.Tensor], split, transform, device: torch.device,
+    embed: Callable[[torch.Tensor], torch.Tensor], split, image_size: int, mean, std, device: torch.device,
     batch_size: int = 256, num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) float32 on the CPU and labels (N,) of a split, in index order."""
-    loader = DataLoader(_Images(split, transform), batch_size=batch_size, num_workers=num_workers)
-    feats, labels = [], []
-    for x, y in loader:
-        feats.append(embed(x.to(device)).float().cpu())
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    """Features (N, D) float32 on the CPU and labels (N,) of a split, in index order, through
+    :func:`eval_transform`. Decoded splits already at ``image_size`` are only normalised, batched on the device."""
+    labels = torch.as_tensor(split.labels)
+    if split.in_memory and tuple(split.pixels.shape[-2:]) == (image_size, image_size):
+        m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        feats = [
+            embed((split.pixels[i : i + batch_size].to(device).float() / 255 - m) / s).float().cpu()
+            for i in range(0, len(split), batch_size)
+        ]
+        return torch.cat(feats), labels
+    loader = DataLoader(_Images(split, eval_transform(image_size, mean, std)), batch_size=batch_size, num_workers=num_workers)
+    feats = [embed(x.to(device)).float().cpu() for x, _ in loader]
+    return torch.cat(feats), labels
 
 
 @torch.no_grad()

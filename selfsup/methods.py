@@ -10,10 +10,14 @@ library and defines, top to bottom:
     ``betas``, ``warmup_epochs``, ``epochs``, ``batch_size``, ``sync_batchnorm``. Any field can be
     overridden from the command line with ``--set name=value``.
 ``augmentations(cfg, image_size, mean, std)``
-    Returns a callable mapping one PIL image to a list of V view tensors (C, H_v, W_v). Views may
-    have different sizes (multi-crop); the harness stacks view v of every sample, so the model receives
-    ``batch["views"]`` as a list of V tensors (N, C, H_v, W_v). Views may also carry generated pretext
-    targets by returning them from the model's own ``forward`` (rotations, permutations, masks).
+    Returns the view recipe: a list of V torchvision v2 pipelines, one ``v2.Compose`` per view (two for
+    SimCLR; T and T' for BYOL; 2 global + N local crops for multi-crop), each mapping one image (a uint8
+    tensor (3, H, W) or a PIL image) to a float tensor (C, H_v, W_v). The file only declares it: the
+    harness runs standard transforms batched on the training device with per-sample random parameters
+    (:mod:`selfsup.views`) and falls back to running the pipelines per image in the loader workers, with
+    a notice, when one has no batched counterpart. Views may have different sizes (multi-crop); the
+    model receives ``batch["views"]`` as a list of V tensors (N, C, H_v, W_v). A pretext target of the
+    method's own (rotations, permutations, masks) is made from the views inside ``forward``.
 ``PRESETS`` (optional)
     Named sets of Config changes, e.g. ``{"small": {...}}`` for CPU-sized runs where the paper's values
     do not fit (each documented in the file). The embedded ``digits`` data set asks for ``small``.

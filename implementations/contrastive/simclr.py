@@ -66,10 +66,12 @@ PRESETS = {"small": dict(min_scale=0.4)}
 # --- augmentations (App. A) ---------------------------------------------------------------------
 
 
-def augmentations(cfg: Config, image_size: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-    """One image -> two views, each: crop, flip, colour jitter (p=0.8), grayscale (p=0.2), blur (p=0.5)."""
+def augmentations(cfg: Config, image_size: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> list[v2.Compose]:
+    """Two views from the same distribution T: crop, flip, colour jitter (p=0.8), grayscale (p=0.2),
+    blur (p=0.5) (App. A). Each view is one v2 pipeline; it takes a PIL image or a uint8 tensor."""
     s = cfg.colour_strength
     steps = [
+        v2.ToImage(),
         v2.RandomResizedCrop(image_size, scale=(cfg.min_scale, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
@@ -78,9 +80,8 @@ def augmentations(cfg: Config, image_size: int, mean=(0.485, 0.456, 0.406), std=
     if image_size >= 64:
         kernel = int(0.1 * image_size) // 2 * 2 + 1  # 10% of the side, odd
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    view = v2.Compose(steps)
-    return lambda img: [view(img), view(img)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return [v2.Compose(steps), v2.Compose(steps)]
 
 
 # --- heads ----------------------------------------------------------------------------------------

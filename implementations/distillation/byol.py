@@ -67,11 +67,13 @@ PRESETS = {"small": dict(tau_base=0.99, base_lr=2.0, min_scale=0.4)}
 # --- augmentations (App. B, Table 6): two asymmetric distributions T and T' -----------------------
 
 
-def augmentations(cfg: Config, image_size: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-    """One image -> (view from T, view from T'). T always blurs; T' blurs with p=0.1, solarises with p=0.2."""
+def augmentations(cfg: Config, image_size: int, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> list[v2.Compose]:
+    """The views from T and T' (App. B, Table 6): T always blurs; T' blurs with p=0.1 and solarises
+    with p=0.2. Each view is one v2 pipeline; it takes a PIL image or a uint8 tensor."""
 
-    def make(blur_p: float, solarize_p: float):
+    def make(blur_p: float, solarize_p: float) -> v2.Compose:
         steps = [
+            v2.ToImage(),
             v2.RandomResizedCrop(image_size, scale=(cfg.min_scale, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -80,12 +82,11 @@ def augmentations(cfg: Config, image_size: int, mean=(0.485, 0.456, 0.406), std=
         if image_size >= 64:  # a 23-px kernel at 224 px is about 10% of the side
             kernel = int(0.1 * image_size) // 2 * 2 + 1
             steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
-        steps += [v2.ToImage(), v2.RandomSolarize(threshold=128, p=solarize_p)]
+        steps += [v2.RandomSolarize(threshold=128, p=solarize_p)]  # on uint8 values, before the conversion
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
         return v2.Compose(steps)
 
-    t, t_prime = make(1.0, 0.0), make(0.1, 0.2)
-    return lambda img: [t(img), t_prime(img)]
+    return [make(1.0, 0.0), make(0.1, 0.2)]
 
 
 # --- heads ----------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from selfsup import backbones, data, methods, train
+from selfsup import backbones, data, methods, train, views
 
 
 def load(method: str):
@@ -12,10 +12,15 @@ def load(method: str):
 
 
 def fixed_batch(module, cfg, n: int = 32, seed: int = 0) -> dict:
-    """Views of n digits images made by the method's own augmentations, fixed once."""
+    """Views of n digits images made by the method's own recipe, as the harness makes them, fixed once."""
     ds = data.load_digits()
-    view_ds = data.ViewDataset(ds.train, module.augmentations(cfg, ds.image_size, ds.mean, ds.std), seed=seed)
-    return data.collate_views([view_ds[i] for i in range(n)])
+    plan = views.plan_views(module.augmentations(cfg, ds.image_size, ds.mean, ds.std), ds.train.in_memory)
+    items = [data.ViewDataset(ds.train, plan.host, seed=seed)[i] for i in range(n)]
+    batch = data.collate_views(items)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        batch["views"] = plan.make_views(batch["views"])
+    return batch
 
 
 def tiny_model(module, cfg, seed: int = 0):

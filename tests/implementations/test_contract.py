@@ -45,7 +45,10 @@ def test_file_works_when_copied_alone(path, tmp_path):
     (tmp_path / path.name).write_text(path.read_text())
     code = (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import {path.stem} as m, torch;"
-        "cfg = m.Config(); assert callable(m.augmentations(cfg, 32));"
+        "from torchvision.transforms import v2;"
+        "cfg = m.Config(); vs = m.augmentations(cfg, 32);"
+        "assert isinstance(vs, list) and vs and all(isinstance(v, v2.Compose) for v in vs);"
+        "x = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8); assert all(v(x).dtype == torch.float32 for v in vs);"
         "assert hasattr(m.MODEL, 'embed'); print('ok')"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -60,6 +63,17 @@ def test_interface_and_docstring(path):
     assert "arXiv:" in doc and "Catalog id:" in doc and "Collapse" in doc, f"{path.name}: docstring incomplete"
     sig = inspect.signature(module.MODEL.__init__)
     assert list(sig.parameters)[1:3] == ["backbone", "feature_dim"]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_view_recipe_translates_or_says_why(path):
+    """A recipe of standard transforms runs batched on the device; one that does not names the transform."""
+    from selfsup import views
+
+    module = methods.load_method_module(str(path))
+    pipelines = module.augmentations(module.Config(), 32, (0.5,) * 3, (0.25,) * 3)
+    plan = views.plan_views(pipelines, in_memory=True)
+    assert plan.mode == "device" or (plan.notice and "has no batched counterpart" in plan.notice)
 
 
 def test_every_file_has_exactly_one_catalog_entry_that_matches():
