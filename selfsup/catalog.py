@@ -3,7 +3,9 @@
 Loading never stops at the first problem: :func:`load_catalog` returns every entry it could read
 and a list of :class:`Problem`, each naming the file, the field and what was expected, so that a
 whole catalog can be fixed in one pass. YAML is read with a safe loader that also refuses duplicate
-keys; tags that would construct Python objects are reported, never executed.
+keys; tags that would construct Python objects are reported, never executed. Anchors and aliases
+(which can expand a small file into gigabytes) and nesting deeper than :data:`MAX_YAML_DEPTH` are
+refused while the file is parsed, before anything is built from it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import datetime
 import difflib
 import json
+import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,13 +29,48 @@ ID_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 # New-style arXiv ids (0704.0001 onwards): YYMM.NNNN until 2014, YYMM.NNNNN since 2015.
 ARXIV_NEW = re.compile(r"^(\d{2})(\d{2})\.(\d{4,5})$")
 ARXIV_OLD = re.compile(r"^[a-z][a-z\-]*(?:\.[A-Z]{2})?/\d{7}$")
-DOI_PATTERN = r"^10\.\d{4,9}/\S+$"
+# Crossref's pattern for modern DOIs: no spaces, quotes or angle brackets.
+DOI_PATTERN = r"^10\.\d{4,9}/[-._;()/:a-zA-Z0-9]+$"
 FIRST_YEAR = 1950
+# Bounds on what is read from disk: an entry is a few kilobytes and a dozen levels deep at most.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 50
+# An absolute http(s) URL: other schemes (javascript:, data:) never become links on the site, and the
+# characters RFC 3986 does not allow in a URL (spaces, quotes, angle brackets) are refused.
+HTTP_URL_PATTERN = r"^https?://[^\s<>\"{}|\\^`]+$"
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def _short(value: Any) -> str:
+    """A repr for messages: values come from files, and an error must not repeat a huge one."""
+    return _SHORT.repr(value)
 
 
 # --------------------------------------------------------------------------------------------
 # Model of one entry
 # --------------------------------------------------------------------------------------------
+
+
+def check_latex(text: str) -> None:
+    """Raise ValueError unless braces and ``\\left``/``\\right`` pairs nest properly and no ``$`` occurs."""
+    opened: list[tuple[str, int]] = []  # ("{" or "\\left", position), innermost last
+    closing = {"}": "{", "\\right": "\\left"}
+    for m in re.finditer(r"\\[a-zA-Z]+|\\.|[{}$]", text):
+        token = m.group()
+        if token == "$":
+            raise ValueError(f"'$' at character {m.start()}: the field is math already, without $ delimiters")
+        if token in ("{", "\\left"):
+            opened.append((token, m.start()))
+        elif token in closing:
+            if not opened or opened[-1][0] != closing[token]:
+                where = f"'{token}' at character {m.start()}"
+                raise ValueError(f"unbalanced LaTeX: {where} has no matching '{closing[token]}'")
+            opened.pop()
+    if opened:
+        token, pos = opened[-1]
+        raise ValueError(f"unbalanced LaTeX: '{token}' at character {pos} is never closed")
 
 
 class Result(BaseModel):
@@ -41,7 +80,7 @@ class Result(BaseModel):
 
     benchmark: str = Field(description="A benchmark id from taxonomy/benchmarks.yaml.")
     metric: str = Field(description="top1, top5, mAP, AP50, APbox, mIoU, ...")
-    value: float
+    value: float = Field(ge=0, allow_inf_nan=False, description="A finite, non-negative number.")
     backbone: str | None = Field(default=None, description="e.g. resnet50, vit-b16.")
     epochs: int | None = Field(default=None, ge=1, description="Pretraining epochs.")
     source: str = Field(min_length=1, description="Where in the paper: 'Table 1', 'Sec. 4.2'.")
@@ -68,17 +107,17 @@ class Entry(BaseModel):
     venue: str | None = None
     arxiv: str | None = Field(default=None, description="arXiv id without version; null if unsure.")
     doi: str | None = Field(default=None, pattern=DOI_PATTERN)
-    url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    url: str | None = Field(default=None, pattern=HTTP_URL_PATTERN)
     kind: str
     family: str | None = None
     subfamily: str | None = None
     also: list[str] = Field(default_factory=list, description="Secondary families.")
-    code: str | None = Field(default=None, pattern=r"^https?://\S+$", description="Official code.")
+    code: str | None = Field(default=None, pattern=HTTP_URL_PATTERN, description="Official code.")
     modalities: list[str] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
     summary: str = Field(min_length=40, description="2-4 sentences in our own words.")
     key_idea: str = Field(min_length=10, description="One sentence.")
-    loss_latex: str | None = None
+    loss_latex: str | None = Field(default=None, description="The objective in LaTeX math, without $ delimiters.")
     properties: dict[str, bool | str | None] = Field(default_factory=dict)
     builds_on: list[str] = Field(default_factory=list)
     results: list[Result] = Field(default_factory=list)
@@ -92,7 +131,7 @@ class Entry(BaseModel):
     def _authors_non_blank(cls, v: list[str]) -> list[str]:
         for name in v:
             if not name.strip() or name.strip().lower() in {"et al", "et al."}:
-                raise ValueError(f"author names must be real names, got {name!r}")
+                raise ValueError(f"author names must be real names, got {_short(name)}")
         return v
 
     @field_validator("tags")
@@ -100,7 +139,14 @@ class Entry(BaseModel):
     def _tags_are_slugs(cls, v: list[str]) -> list[str]:
         for tag in v:
             if not re.match(ID_PATTERN, tag):
-                raise ValueError(f"tag {tag!r} must be a lowercase slug like 'non-contrastive'")
+                raise ValueError(f"tag {_short(tag)} must be a lowercase slug like 'non-contrastive'")
+        return v
+
+    @field_validator("loss_latex")
+    @classmethod
+    def _latex_balanced(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_latex(v)
         return v
 
     @field_validator("arxiv")
@@ -112,15 +158,15 @@ class Entry(BaseModel):
         if m:
             yy, mm, num = int(m.group(1)), int(m.group(2)), m.group(3)
             if not 1 <= mm <= 12:
-                raise ValueError(f"arXiv id {v!r} has month {mm:02d}; expected 01-12")
+                raise ValueError(f"arXiv id {_short(v)} has month {mm:02d}; expected 01-12")
             if (yy >= 15) != (len(num) == 5):
                 raise ValueError(
-                    f"arXiv id {v!r}: ids from 2015 on have 5 digits after the dot, earlier ones 4"
+                    f"arXiv id {_short(v)}: ids from 2015 on have 5 digits after the dot, earlier ones 4"
                 )
             return v
         if ARXIV_OLD.match(v):
             return v
-        raise ValueError(f"arXiv id {v!r} is not of the form YYMM.NNNNN (no 'arXiv:' prefix, no version)")
+        raise ValueError(f"arXiv id {_short(v)} is not of the form YYMM.NNNNN (no 'arXiv:' prefix, no version)")
 
     @property
     def display_name(self) -> str:
@@ -137,13 +183,13 @@ class Entry(BaseModel):
         return f"https://arxiv.org/abs/{self.arxiv}" if self.arxiv else None
 
     @property
+    def doi_url(self) -> str | None:
+        return f"https://doi.org/{self.doi}" if self.doi else None
+
+    @property
     def link(self) -> str | None:
         """The best link to the paper."""
-        if self.arxiv:
-            return self.arxiv_url
-        if self.doi:
-            return f"https://doi.org/{self.doi}"
-        return self.url
+        return self.arxiv_url or self.doi_url or self.url
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +268,37 @@ class CatalogError(Exception):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+class _RefusedYAML(yaml.MarkedYAMLError):
+    """Valid YAML that catalog and taxonomy files may not use."""
+
+
 class _UniqueKeySafeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping with the same key twice (YAML would keep the last)."""
+    """SafeLoader that refuses a mapping with the same key twice (YAML would keep the last), anchors and
+    aliases, and nesting deeper than MAX_YAML_DEPTH.
+
+    Both refusals happen in the composer, event by event: an alias chain ("billion laughs") is stopped at
+    its first anchor, before anything is expanded, and depth is counted before the recursive composer
+    could exhaust the stack.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _RefusedYAML(
+                problem="anchors and aliases (&name, *name) are not allowed; write the value out",
+                problem_mark=event.start_mark,
+            )
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _RefusedYAML(
+                problem=f"nested deeper than {MAX_YAML_DEPTH} levels", problem_mark=event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader: _UniqueKeySafeLoader, node: yaml.MappingNode, deep: bool = False):
@@ -234,7 +309,7 @@ def _construct_mapping(loader: _UniqueKeySafeLoader, node: yaml.MappingNode, dee
             raise yaml.constructor.ConstructorError(
                 None,
                 None,
-                f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                f"duplicate key {_short(key)} (first on line {seen[key] + 1})",
                 key_node.start_mark,
             )
         seen[key] = key_node.start_mark.line
@@ -246,25 +321,43 @@ _UniqueKeySafeLoader.add_constructor(
 )
 
 
+def _read_text(path: Path, display: str) -> tuple[str | None, Problem | None]:
+    """The text of a regular file of at most MAX_YAML_BYTES, or a problem saying why not."""
+    if path.is_symlink() and not path.exists():
+        return None, Problem(display, None, f"broken symbolic link to {os.readlink(path)}")
+    if not path.exists():
+        return None, Problem(display, None, "does not exist")
+    if not path.is_file():  # a directory, a FIFO (reading would block), ...
+        return None, Problem(display, None, "not a regular file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            return None, Problem(display, None, f"{size} bytes; a YAML file here is at most {MAX_YAML_BYTES} bytes")
+        return path.read_text(encoding="utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, Problem(display, None, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+    except OSError as e:
+        return None, Problem(display, None, f"cannot be read: {e.strerror}")
+
+
 def read_yaml(path: Path, display: str | None = None) -> tuple[Any, Problem | None]:
     """Parse one YAML file safely. Returns (data, None) or (None, problem with line number)."""
     display = display or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        return None, Problem(display, None, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+    text, problem = _read_text(path, display)
+    if problem:
+        return None, problem
     try:
         return yaml.load(text, Loader=_UniqueKeySafeLoader), None
-    except yaml.constructor.ConstructorError as e:
+    except (yaml.constructor.ConstructorError, _RefusedYAML) as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
-        problem = e.problem or str(e)
-        if "could not determine a constructor for the tag" in problem:
-            tag = problem.split("tag", 1)[1].strip().strip("'")
-            problem = (
-                f"YAML tag {tag!r} is not allowed: entries are plain data, "
+        message = e.problem or str(e)
+        if "could not determine a constructor for the tag" in message:
+            tag = message.split("tag", 1)[1].strip().strip("'")
+            message = (
+                f"YAML tag {_short(tag)} is not allowed: entries are plain data, "
                 "and object-constructing tags are refused, never executed"
             )
-        return None, Problem(display, None, f"invalid YAML: {problem}", line)
+        return None, Problem(display, None, f"invalid YAML: {message}", line)
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
         return None, Problem(display, None, f"malformed YAML: {e.problem}", line)
@@ -356,9 +449,9 @@ def _pydantic_problems(display: str, err: ValidationError) -> list[Problem]:
         elif e["type"] == "extra_forbidden":
             msg = "unknown field (see the entry schema in schema/catalog-entry.schema.json)"
         elif e["type"] == "string_pattern_mismatch":
-            msg = f"{e['input']!r} does not match the expected pattern {e['ctx']['pattern']}"
+            msg = f"{_short(e['input'])} does not match the expected pattern {e['ctx']['pattern']}"
         elif "input" in e and e["type"] not in {"value_error"}:
-            msg = f"{msg} (got {e['input']!r})"
+            msg = f"{msg} (got {_short(e['input'])})"
         problems.append(Problem(display, where, msg.removeprefix("Value error, ")))
     return problems
 
@@ -376,29 +469,29 @@ def check_entry(entry: Entry, display: str, tax: Taxonomy, root: Path) -> list[P
     if entry.arxiv and ARXIV_NEW.match(entry.arxiv):
         arxiv_year = 2000 + int(entry.arxiv[:2])
         if arxiv_year > entry.year + 1 or arxiv_year < 2007:
-            bad("arxiv", f"{entry.arxiv!r} was posted in {arxiv_year}, but the entry's year is {entry.year}")
+            bad("arxiv", f"{_short(entry.arxiv)} was posted in {arxiv_year}, but the entry's year is {entry.year}")
     if entry.author_count is not None and len(entry.authors) > entry.author_count:
         bad("authors", f"{len(entry.authors)} names listed but author_count is {entry.author_count}")
     if not entry.authors and entry.author_count is None:
         bad("authors", "empty; list the authors, or give author_count when they cannot be verified")
     if entry.kind not in tax.kind_ids:
-        bad("kind", f"unknown kind {entry.kind!r}; expected one of {', '.join(tax.kind_ids)}")
+        bad("kind", f"unknown kind {_short(entry.kind)}; expected one of {', '.join(tax.kind_ids)}")
     if entry.family is not None:
         if entry.family not in tax.family_ids:
-            bad("family", f"unknown family {entry.family!r}; expected one of {', '.join(tax.family_ids)}")
+            bad("family", f"unknown family {_short(entry.family)}; expected one of {', '.join(tax.family_ids)}")
         elif entry.subfamily is not None and entry.subfamily not in tax.subfamily_ids(entry.family):
             subs = ", ".join(tax.subfamily_ids(entry.family))
-            bad("subfamily", f"{entry.subfamily!r} is not a sub-family of {entry.family}; expected one of {subs}")
+            bad("subfamily", f"{_short(entry.subfamily)} is not a sub-family of {entry.family}; expected one of {subs}")
     elif entry.subfamily is not None:
         bad("subfamily", "set while family is null")
     for i, fam in enumerate(entry.also):
         if fam not in tax.family_ids:
-            bad(f"also[{i}]", f"unknown family {fam!r}; expected one of {', '.join(tax.family_ids)}")
+            bad(f"also[{i}]", f"unknown family {_short(fam)}; expected one of {', '.join(tax.family_ids)}")
         elif fam == entry.family:
-            bad(f"also[{i}]", f"{fam!r} repeats the primary family")
+            bad(f"also[{i}]", f"{_short(fam)} repeats the primary family")
     for i, mod in enumerate(entry.modalities):
         if mod not in tax.modality_ids:
-            bad(f"modalities[{i}]", f"unknown modality {mod!r}; expected one of {', '.join(tax.modality_ids)}")
+            bad(f"modalities[{i}]", f"unknown modality {_short(mod)}; expected one of {', '.join(tax.modality_ids)}")
     props = tax.property_map
     for name, value in entry.properties.items():
         if name not in props:
@@ -410,9 +503,9 @@ def check_entry(entry: Entry, display: str, tax: Taxonomy, root: Path) -> list[P
         if value is None:
             continue
         if prop.type == "bool" and not isinstance(value, bool):
-            bad(f"properties.{name}", f"expected true or false, got {value!r}")
+            bad(f"properties.{name}", f"expected true or false, got {_short(value)}")
         elif prop.type == "enum" and value not in prop.values:
-            bad(f"properties.{name}", f"expected one of {', '.join(prop.values)}, got {value!r}")
+            bad(f"properties.{name}", f"expected one of {', '.join(prop.values)}, got {_short(value)}")
     if entry.kind == "method":
         missing = [p for p in props if p not in entry.properties]
         if missing:
@@ -423,7 +516,7 @@ def check_entry(entry: Entry, display: str, tax: Taxonomy, root: Path) -> list[P
             bad("family", "a method entry belongs to a family")
     for i, res in enumerate(entry.results):
         if res.benchmark not in tax.benchmark_ids:
-            bad(f"results[{i}].benchmark", f"unknown benchmark {res.benchmark!r}; expected one of {', '.join(tax.benchmark_ids)}")
+            bad(f"results[{i}].benchmark", f"unknown benchmark {_short(res.benchmark)}; expected one of {', '.join(tax.benchmark_ids)}")
     if entry.implementation is not None:
         path = root / entry.implementation
         if not path.is_file():
@@ -444,10 +537,13 @@ def load_catalog(root: Path = ROOT, catalog_dir: Path | None = None) -> Catalog:
     problems: list[Problem] = []
     if not cdir.is_dir():
         return Catalog({}, tax, root, [Problem(str(cdir), None, "catalog directory does not exist")])
-    for path in sorted(cdir.glob("*.y*ml")):
+    # Every YAML-looking name is considered, whatever its case, so that a misnamed entry is reported
+    # rather than silently left out; other files (README.md) are not entries.
+    for path in sorted(p for p in cdir.iterdir() if p.suffix.lower() in {".yaml", ".yml"}):
         display = _display(path, root)
         if path.suffix != ".yaml":
-            problems.append(Problem(display, None, "catalog files end in .yaml"))
+            message = f"catalog files are named <id>.yaml; rename it {path.stem}.yaml"
+            problems.append(Problem(display, None, message))
             continue
         data, problem = read_yaml(path, display)
         if problem:
@@ -462,9 +558,9 @@ def load_catalog(root: Path = ROOT, catalog_dir: Path | None = None) -> Catalog:
             problems.extend(_pydantic_problems(display, e))
             continue
         if entry.id != path.stem:
-            problems.append(Problem(display, "id", f"{entry.id!r} differs from the file name {path.stem!r}"))
+            problems.append(Problem(display, "id", f"{_short(entry.id)} differs from the file name {path.stem!r}"))
         if entry.id in entries:
-            problems.append(Problem(display, "id", f"duplicate id {entry.id!r}, also in {where[entry.id]}"))
+            problems.append(Problem(display, "id", f"duplicate id {_short(entry.id)}, also in {where[entry.id]}"))
             continue
         problems.extend(check_entry(entry, display, tax, root))
         entries[entry.id] = entry
@@ -475,9 +571,45 @@ def load_catalog(root: Path = ROOT, catalog_dir: Path | None = None) -> Catalog:
                 close = difflib.get_close_matches(dep, list(entries), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 problems.append(
-                    Problem(where[entry.id], f"builds_on[{i}]", f"no catalog entry {dep!r}{hint}")
+                    Problem(where[entry.id], f"builds_on[{i}]", f"no catalog entry {_short(dep)}{hint}")
                 )
+    for cycle in builds_on_cycles(entries):
+        first, second = cycle[0], cycle[1]
+        i = entries[first].builds_on.index(second)
+        path = " -> ".join([*cycle, first])
+        problems.append(Problem(where[first], f"builds_on[{i}]", f"cycle {path}: lineage must go one way"))
     return Catalog(entries, tax, root, problems)
+
+
+def builds_on_cycles(entries: dict[str, Entry]) -> list[list[str]]:
+    """Cycles of ``builds_on`` links (self-links aside), each once, starting at its smallest id.
+
+    An iterative depth-first search: a catalog can be long enough that recursion would not do.
+    """
+    def parents(entry_id: str) -> list[str]:
+        return [d for d in entries[entry_id].builds_on if d in entries and d != entry_id]
+
+    done: set[str] = set()
+    cycles: list[list[str]] = []
+    for start in sorted(entries):
+        if start in done:
+            continue
+        path, todo = [start], [iter(parents(start))]
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                done.add(path.pop())
+                todo.pop()
+            elif nxt in path:
+                cycle = path[path.index(nxt):]
+                k = cycle.index(min(cycle))
+                cycle = cycle[k:] + cycle[:k]
+                if cycle not in cycles:
+                    cycles.append(cycle)
+            elif nxt not in done:
+                path.append(nxt)
+                todo.append(iter(parents(nxt)))
+    return cycles
 
 
 def load_catalog_or_raise(root: Path = ROOT) -> Catalog:
@@ -546,6 +678,7 @@ def bibtex(entry: Entry) -> str:
         fields.append(("doi", entry.doi))
     if entry.link:
         fields.append(("url", entry.link))
-    body = ",\n".join(f"  {k} = {{{v}}}" for k, v in fields)
+    # One line per field, whatever line breaks a value holds: no line can start a Markdown fence.
+    body = ",\n".join(f"  {k} = {{{' '.join(v.split())}}}" for k, v in fields)
     kind = "inproceedings" if is_conf and not venue.lower().startswith("arxiv") else "article"
     return f"@{kind}{{{bibtex_key(entry)},\n{body}\n}}"

@@ -6,7 +6,9 @@ The generator follows data -> model -> templates:
    results (``benchmarks/results/*.json``); any problem stops the build with the full list;
 2. model: :func:`build_model` computes what the pages need (lineage, tables, counts, filters);
 3. templates: :func:`render_pages` renders the jinja2 templates in ``site/templates`` with
-   ``StrictUndefined`` into Markdown, one string per page.
+   ``StrictUndefined`` into Markdown, one string per page. Every string from the data passes a filter
+   that keeps it text (``md``, ``cell``, ``code``), an http(s) link (``link``) or math (``math``):
+   nothing in the catalog becomes HTML, a script or an attribute on the page.
 
 ``site/gen_pages.py`` (run by mkdocs-gen-files during ``mkdocs build``) writes those pages into the
 build; nothing generated is committed. Implementation sources are embedded by ``pymdownx.snippets``
@@ -26,8 +28,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import jinja2
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfsup import catalog as cat
@@ -479,14 +483,50 @@ def build_model(
 # --------------------------------------------------------------------------------------------
 
 
-def _cell(value: Any) -> str:
-    """Text safe inside a Markdown table cell: one line, pipes escaped."""
-    return re.sub(r"\s+", " ", str(value)).replace("|", r"\|").strip()
+# What would turn catalog text into markup: HTML tags and entities (< > &), links and images ([ ]),
+# attribute lists of the attr_list extension ({: onclick="..." }) and backslash escapes (\[ is also a
+# math delimiter). As numeric entities these characters show as themselves and mean nothing.
+_MD_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;"} | {c: f"&#{ord(c)};" for c in "[]{}\\"})
+
+
+def _one_line(value: Any) -> str:
+    """Whitespace runs, line breaks included, as one space: a value cannot end a block or a fence early."""
+    return " ".join(str(value).split())
 
 
 def _md_text(value: Any) -> str:
-    """Prose from the catalog as Markdown: an angle bracket is text, never an HTML tag."""
-    return str(value).replace("<", "&lt;")
+    """Catalog text as one line of Markdown, shown as written: never HTML, a link, an attribute list, or
+    a block of its own (a line break could open a code fence, a heading or a link definition)."""
+    return _one_line(value).translate(_MD_ESCAPES)
+
+
+def _cell(value: Any) -> str:
+    """Catalog text in a Markdown table cell: as :func:`_md_text`, with pipes escaped."""
+    return _md_text(value).replace("|", r"\|")
+
+
+def _code(value: Any) -> str:
+    """Text as an inline code span, fenced by more backticks than any run it holds, so it cannot end early."""
+    text = _one_line(value)
+    ticks = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{ticks} {text} {ticks}"
+
+
+def _link(url: str) -> str:
+    """An http(s) URL as a Markdown link target, percent-encoding what could end the target (parentheses,
+    spaces, quotes). The catalog allows only http(s) URLs; anything else here is a bug, and stops the build.
+    """
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise SiteError([f"not an http(s) URL, refused as a link: {url!r}"])
+    return quote(url, safe=";/?:@&=+$,-_.!~*#%")
+
+
+def _math(latex: str) -> str:
+    """LaTeX for a ``$$`` block, which arithmatex escapes for HTML; what could end the block early (a blank
+    line, a ``$``) is dropped or escaped. The catalog refuses ``$`` too; this holds whatever it lets through.
+    """
+    text = "\n".join(line for line in latex.strip().splitlines() if line.strip())
+    return re.sub(r"\\.|\$", lambda m: "\\$" if m.group() == "$" else m.group(), text)
 
 
 def _metric(value: float | None, metric: Metric | str) -> str:
@@ -516,7 +556,16 @@ def template_env(templates: Path) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(cell=_cell, md=_md_text, metric=_metric, number=_number)
+    env.filters.update(
+        cell=_cell,
+        code=_code,
+        link=_link,
+        math=_math,
+        md=_md_text,
+        one_line=_one_line,
+        metric=_metric,
+        number=_number,
+    )
     return env
 
 
@@ -593,13 +642,17 @@ def config_file(root: Path) -> Path:
     return own if own.is_file() else cat.ROOT / "mkdocs.yml"
 
 
-def _mkdocs(root: Path, args: list[str]) -> int:
-    root = Path(root).resolve()
+def _data_ok(root: Path) -> bool:
+    """Whether the data builds; if not, print every problem (before mkdocs starts, or writes anything)."""
     try:
-        load_site_data(root)  # fail early, with every problem, before starting mkdocs
+        load_site_data(root)
     except SiteError as e:
         print(e, file=sys.stderr)
-        return 1
+        return False
+    return True
+
+
+def _mkdocs(root: Path, args: list[str]) -> int:
     env = dict(
         os.environ, **{ROOT_ENV: str(root), "NO_MKDOCS_2_WARNING": "1", "DISABLE_MKDOCS_2_WARNING": "true"}
     )
@@ -608,11 +661,60 @@ def _mkdocs(root: Path, args: list[str]) -> int:
     return subprocess.call(cmd, cwd=root, env=env)
 
 
+# Marks a directory as a site build: `site build` empties only directories that carry it (or are empty).
+# mkdocs' --clean keeps dot files, so the marker survives every rebuild.
+SITE_MARKER = ".selfsup-site"
+
+
+class _IgnoreTagsLoader(yaml.SafeLoader):
+    """Reads mkdocs.yml for plain settings; its tags (``!!python/name``, ``!ENV``) become None, never run."""
+
+
+_IgnoreTagsLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+
+
+def default_site_dir(config: Path) -> Path:
+    """The ``site_dir`` of an mkdocs.yml (mkdocs' default: ``site``), resolved against its directory."""
+    settings = yaml.load(config.read_text(encoding="utf-8"), Loader=_IgnoreTagsLoader) or {}
+    return (config.parent / settings.get("site_dir", "site")).resolve()
+
+
+def output_dir_problem(out: Path, root: Path) -> str | None:
+    """Why the site may not be built into ``out`` (which it empties first), or None when it may."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        return "is a file, not a directory"
+    for repo in {root.resolve(), config_file(root).parent.resolve()}:
+        if out == repo or out in repo.parents:
+            return f"is or contains the repository {repo}; building there would delete it"
+        for data in (repo / "catalog", repo / "taxonomy"):
+            if out == data or data in out.parents:
+                return f"is or is inside {data}, which holds the catalog data the site is built from"
+    if out.is_dir() and any(out.iterdir()) and not (out / SITE_MARKER).is_file():
+        return (
+            f"is not empty and holds no {SITE_MARKER} file from a previous site build; building would "
+            "delete what it holds: give an empty or new directory, or empty this one yourself"
+        )
+    return None
+
+
 def build(root: Path = cat.ROOT, out_dir: Path | None = None, strict: bool = False) -> int:
-    """Build the site into ``out_dir`` (default ``build/site``); return the exit code."""
-    args = ["build", "--clean"]
-    if out_dir is not None:
-        args += ["--site-dir", str(Path(out_dir).resolve())]
+    """Build the site into ``out_dir`` (default: mkdocs.yml's ``build/site``); return the exit code.
+
+    mkdocs empties the output directory first, so it must be a new or empty directory, or one that a
+    previous build marked with :data:`SITE_MARKER`; anything else is refused with a one-line error.
+    """
+    root = Path(root).resolve()
+    out = Path(out_dir).resolve() if out_dir is not None else default_site_dir(config_file(root))
+    problem = output_dir_problem(out, root)
+    if problem:
+        print(f"selfsup site build: error: {out}: {problem}", file=sys.stderr)
+        return 2
+    if not _data_ok(root):
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SITE_MARKER).write_text("Built by `selfsup site build`, which may empty this directory.\n")
+    args = ["build", "--clean", "--site-dir", str(out)]
     if strict:
         args.append("--strict")
     return _mkdocs(root, args)
@@ -625,6 +727,8 @@ def serve(root: Path = cat.ROOT, addr: str = "127.0.0.1:8000") -> int:
     for sub in ["catalog", "taxonomy", "benchmarks/results", "implementations", "selfsup"]:
         if (root / sub).is_dir():
             args += ["--watch", str(root / sub)]
+    if not _data_ok(root):
+        return 1
     try:
         return _mkdocs(root, args)
     except KeyboardInterrupt:

@@ -2,9 +2,11 @@
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from selfsup import catalog as cat
 
@@ -163,3 +165,139 @@ def test_bibtex_fields():
     assert bib.startswith("@inproceedings{chen2020simple,")
     assert "author = {Ting Chen and Simon Kornblith and Mohammad Norouzi and Geoffrey Hinton}" in bib
     assert "booktitle = {ICML 2020}" in bib and "eprint = {2002.05709}" in bib
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile and odd input: refused with file, line and field, quickly, without a traceback.
+
+
+def write_entry(cdir: Path, entry_id: str, **fields) -> Path:
+    """A valid entry (SimCLR's, without lineage or implementation) with ``fields`` changed."""
+    data = yaml.safe_load((ROOT / "catalog" / "simclr.yaml").read_text(encoding="utf-8"))
+    data.update({"id": entry_id, "builds_on": [], "implementation": None, **fields})
+    cdir.mkdir(parents=True, exist_ok=True)
+    path = cdir / f"{entry_id}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def problems_in(cdir: Path) -> list[str]:
+    return [str(p) for p in cat.load_catalog(ROOT, cdir).problems]
+
+
+def test_valid_entry_helper(tmp_path):
+    write_entry(tmp_path, "ok")
+    assert problems_in(tmp_path) == []
+
+
+BILLION_LAUGHS = "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
+
+
+def test_yaml_aliases_are_refused_before_expansion(tmp_path):
+    path = write_entry(tmp_path, "laughs")
+    text = path.read_text().replace("notes:", "notes: [*a9]\nunused:", 1)
+    path.write_text('a0: &a0 "lol"\n' + BILLION_LAUGHS + text)
+    start = time.perf_counter()
+    got = problems_in(tmp_path)
+    assert time.perf_counter() - start < 5
+    assert got == [
+        f"{path}:1: invalid YAML: anchors and aliases (&name, *name) are not allowed; write the value out"
+    ]
+
+
+def test_yaml_anchor_refused_in_taxonomy(tmp_path):
+    shutil.copytree(ROOT / "taxonomy", tmp_path / "taxonomy")
+    kinds = tmp_path / "taxonomy" / "kinds.yaml"
+    kinds.write_text(kinds.read_text().replace("kinds:", "kinds: &k", 1))
+    with pytest.raises(cat.CatalogError, match=r"kinds\.yaml:\d+: invalid YAML: anchors and aliases"):
+        cat.load_taxonomy(tmp_path)
+
+
+def test_deep_nesting_is_refused_without_recursion_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("id: deep\nnotes: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert problems_in(tmp_path) == [f"{path}:2: invalid YAML: nested deeper than 50 levels"]
+
+
+def test_huge_values_are_not_repeated_in_messages(tmp_path):
+    write_entry(tmp_path, "huge", year="1" + "x" * 500_000)
+    (problem,) = problems_in(tmp_path)
+    assert "year: Input should be a valid integer" in problem
+    assert len(problem) < 300
+
+
+def test_oversized_file_is_not_read(tmp_path):
+    path = write_entry(tmp_path, "big")
+    path.write_text(path.read_text() + "#" * cat.MAX_YAML_BYTES)
+    (problem,) = problems_in(tmp_path)
+    assert problem.startswith(f"{path}: ") and f"at most {cat.MAX_YAML_BYTES}" in problem
+
+
+def test_builds_on_cycle_is_named(tmp_path):
+    write_entry(tmp_path, "a", builds_on=["c"])
+    write_entry(tmp_path, "b", builds_on=["a"])
+    write_entry(tmp_path, "c", builds_on=["b"])
+    write_entry(tmp_path, "d", builds_on=["a"])  # builds on the cycle, is not part of it
+    assert problems_in(tmp_path) == [f"{tmp_path}/a.yaml: builds_on[0]: cycle a -> c -> b -> a: lineage must go one way"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_result_values_are_finite_and_non_negative(tmp_path, value):
+    result = {"benchmark": "imagenet-linear", "metric": "top1", "value": value, "source": "Table 1"}
+    write_entry(tmp_path, "r", results=[result])
+    (problem,) = problems_in(tmp_path)
+    assert problem.startswith(f"{tmp_path}/r.yaml: results[0].value: ")
+    assert "finite number" in problem or "greater than or equal to 0" in problem
+
+
+@pytest.mark.parametrize(
+    "latex, message",
+    [
+        (r"\frac{a}{b", "unbalanced LaTeX: '{' at character 8 is never closed"),
+        (r"a + b}", "unbalanced LaTeX: '}' at character 5 has no matching '{'"),
+        (r"\left( \frac{a}{b}", r"unbalanced LaTeX: '\left' at character 0 is never closed"),
+        (r"\left( {a \right) }", r"unbalanced LaTeX: '\right' at character 10 has no matching '\left'"),
+        (r"$\mathcal{L}$", "'$' at character 0: the field is math already, without $ delimiters"),
+    ],
+)
+def test_bad_latex_is_refused(tmp_path, latex, message):
+    write_entry(tmp_path, "tex", loss_latex=latex)
+    assert problems_in(tmp_path) == [f"{tmp_path}/tex.yaml: loss_latex: {message}"]
+
+
+@pytest.mark.parametrize("latex", [r"\left\{ x \right\} \leftarrow y", r"a \\ {b}", r"\{ \}"])
+def test_balanced_latex_is_accepted(latex):
+    cat.check_latex(latex)
+
+
+@pytest.mark.parametrize("name", ["simclr.YAML", "simclr.yml", "simclr.Yaml"])
+def test_misnamed_entry_file_is_reported(tmp_path, name):
+    write_entry(tmp_path, "simclr").rename(tmp_path / name)
+    assert problems_in(tmp_path) == [
+        f"{tmp_path}/{name}: catalog files are named <id>.yaml; rename it simclr.yaml"
+    ]
+
+
+def test_directory_and_broken_link_are_reported(tmp_path):
+    (tmp_path / "folder.yaml").mkdir()
+    (tmp_path / "dangling.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    assert problems_in(tmp_path) == [
+        f"{tmp_path}/dangling.yaml: broken symbolic link to {tmp_path}/nowhere.yaml",
+        f"{tmp_path}/folder.yaml: not a regular file",
+    ]
+
+
+@pytest.mark.parametrize(
+    "fld, value",
+    [
+        ("code", "javascript:alert(1)"),
+        ("url", "data:text/html,<script>alert(1)</script>"),
+        ("code", "https://example.com/)<script>alert(1)</script>"),
+        ("code", 'https://example.com/"onmouseover="alert(1)'),
+        ("doi", "10.1234/x<script>alert(1)</script>"),
+    ],
+)
+def test_links_are_http_urls(tmp_path, fld, value):
+    write_entry(tmp_path, "link", **{fld: value})
+    (problem,) = problems_in(tmp_path)
+    assert problem.startswith(f"{tmp_path}/link.yaml: {fld}: ") and "does not match" in problem

@@ -88,3 +88,35 @@ def test_help_names_every_backbone_and_does_not_import_torch():
 def test_unknown_backbone_is_a_clear_error():
     r = run("train", "simclr", "--backbone", "resnet9000", "--steps", "1")
     assert r.returncode == 2 and "unknown backbone 'resnet9000'; expected one of small_cnn" in r.stderr
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *expected: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    for text in expected:
+        assert text in r.stderr
+
+
+def test_schema_into_missing_directory_is_a_clear_error(tmp_path):
+    out = tmp_path / "missing_dir" / "schema.json"
+    assert_one_line_error(run("schema", "-o", str(out)), f"-o {out}: directory {out.parent} does not exist")
+    assert_one_line_error(run("schema", "-o", str(tmp_path)), f"-o {tmp_path}: cannot write it")
+
+
+@pytest.mark.parametrize("command", [["validate"], ["site", "build"]])
+def test_root_that_is_not_a_repository_is_a_clear_error(tmp_path, command):
+    assert_one_line_error(run("--root", str(tmp_path / "nowhere"), *command), "no such directory")
+    assert_one_line_error(run("--root", str(tmp_path), *command), "not a selfsup repository")
+
+
+def test_misnamed_catalog_file_fails_validation(tmp_path):
+    shutil.copy(ROOT / "catalog" / "simclr.yaml", tmp_path / "simclr.YAML")
+    r = run("validate", "--catalog-dir", str(tmp_path))
+    assert r.returncode == 1 and "catalog OK" not in r.stdout
+    assert "simclr.YAML: catalog files are named <id>.yaml" in r.stderr
+
+
+def test_site_build_keeps_what_it_does_not_own(tmp_path):
+    (tmp_path / "x").write_text("the user's")
+    assert_one_line_error(run("site", "build", "--out", str(tmp_path)), f"{tmp_path}: is not empty")
+    assert (tmp_path / "x").read_text() == "the user's"

@@ -209,3 +209,57 @@ def test_api_reference_lists_existing_modules(built_site):
     assert "selfsup.catalog" in modules
     for m in modules:
         assert f'id="{m}"' in text, m
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile catalog strings, and the output directory the build may empty.
+
+
+@pytest.fixture(scope="module")
+def hostile_site(hostile_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site of :data:`conftest.HOSTILE_ENTRY`, built over what looks like a previous build."""
+    pytest.importorskip("mkdocs", reason="the site needs the 'site' extra: pip install -e '.[site]'")
+    out = tmp_path_factory.mktemp("hostile-site")
+    (out / site.SITE_MARKER).write_text("")
+    (out / "stale.html").write_text("from the previous build")
+    assert site.build(root=hostile_root, out_dir=out, strict=True) == 0
+    return out
+
+
+def test_catalog_strings_reach_the_html_escaped(hostile_site, hazards):
+    pages = {p.relative_to(hostile_site): p.read_text(encoding="utf-8") for p in hostile_site.rglob("*.html")}
+    assert not {page: hazards(text) for page, text in pages.items() if hazards(text)}
+    text = (hostile_site / "papers" / "hostile" / "index.html").read_text(encoding="utf-8")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # shown as written
+    assert 'class="arithmatex"' in text
+
+
+def test_rebuild_empties_a_marked_directory_and_keeps_the_marker(hostile_site):
+    assert not (hostile_site / "stale.html").exists()
+    assert (hostile_site / site.SITE_MARKER).is_file()
+
+
+@pytest.fixture
+def refused(monkeypatch, capsys):
+    """Asserts that building into a directory is refused with a one-line error, before mkdocs starts."""
+    # Were the guard to fail, mkdocs would empty the directory: make sure it never starts here.
+    monkeypatch.setattr(site, "_mkdocs", lambda *args: pytest.fail("mkdocs was started"))
+
+    def check(root: Path, out: Path, why: str) -> None:
+        assert site.build(root=root, out_dir=out) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{out.resolve()}: " in err and why in err, err
+
+    return check
+
+
+def test_build_refuses_a_directory_it_does_not_own(tmp_path, hostile_root, refused):
+    (tmp_path / "x").write_text("the user's")
+    refused(hostile_root, tmp_path, "is not empty and holds no .selfsup-site file")
+    refused(hostile_root, tmp_path / "x", "is a file, not a directory")
+    assert (tmp_path / "x").read_text() == "the user's"
+    for repo in (hostile_root, hostile_root.parent, site.cat.ROOT):
+        refused(hostile_root, repo, "is or contains the repository")
+    for data in (hostile_root / "catalog", hostile_root / "taxonomy" / "new", site.cat.ROOT / "catalog"):
+        refused(hostile_root, data, "is or is inside")
+    assert not (hostile_root / "taxonomy" / "new").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_pages_of_a_small_catalog(tmp_path):
     assert entry.startswith("---\n")  # front matter first
     assert "$$\n\\mathcal{L} = -\\log \\frac{a}{b}\n$$" in entry
     assert "[simclr](simclr.md)" in entry  # builds on
-    assert "&lt;Representations>" in entry  # no raw HTML from catalog prose
+    assert "&lt;Representations&gt;" in entry  # no raw HTML from catalog prose
     assert "```bibtex" in entry
     assert "Implementation" not in entry.split("## Cite")[0].split("## Summary")[1]  # none: no section
     # table cells escape pipes
@@ -177,3 +178,42 @@ def test_api_modules_skip_missing(tmp_path):
 )
 def test_relative_url(src, dst, dirs, expected):
     assert site.relative_url(src, dst, dirs) == expected
+
+
+@pytest.fixture(scope="module")
+def to_html():
+    """Markdown -> HTML with the Markdown extensions of mkdocs.yml, as mkdocs converts a page."""
+    pytest.importorskip("mkdocs", reason="the site needs the 'site' extra: pip install -e '.[site]'")
+    import markdown
+    from mkdocs.config import load_config
+    from mkdocs.utils.meta import get_data
+
+    config = load_config(str(REPO / "mkdocs.yml"))
+
+    def convert(text: str) -> str:
+        body, _ = get_data(text)  # the front matter
+        return markdown.markdown(body, extensions=config.markdown_extensions, extension_configs=config.mdx_configs)
+
+    return convert
+
+
+def test_catalog_strings_cannot_become_markup(hostile_root, hazards, to_html):
+    pages = render(hostile_root)
+    for path, text in pages.items():
+        assert hazards(to_html(text)) == [], path
+    page = to_html(pages["papers/hostile.md"])
+    # shown as written: name, title, source, authors
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 4
+    assert "[a link](javascript:alert(1))" in html.unescape(page)
+    assert 'class="arithmatex"' in page and r"a &lt; b \;\&amp;\;" in page  # math is escaped once, by arithmatex
+
+
+def test_links_are_http_only_and_encoded():
+    assert site._link("https://doi.org/10.1002/(SICI)1097") == "https://doi.org/10.1002/%28SICI%291097"
+    for url in ("javascript:alert(1)", "data:text/html,x", "//example.com/x"):
+        with pytest.raises(site.SiteError, match="not an http"):
+            site._link(url)
+
+
+def test_math_cannot_end_its_block():
+    assert site._math("a\n\n  \nb $ c \\$") == "a\nb \\$ c \\$"
