@@ -12,11 +12,14 @@ The file format::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import platform
 import shlex
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -49,12 +52,7 @@ def run_benchmark(
     steps: int | None = None, batch_size: int | None = None, device: str = "auto",
     linear_epochs: int = 100, workers: int = 0, description: str = "", preset: str = "auto",
 ) -> dict:
-    catalog = cat.load_catalog_or_raise()
-    available = methods.implemented_methods(catalog)
-    ids = method_ids or list(available)
-    unknown = [m for m in ids if m not in available]
-    if unknown:
-        raise methods.MethodError(f"not implemented: {', '.join(unknown)}; implemented: {', '.join(available)}")
+    ids = _implemented(method_ids)
     # Rows of methods not re-run now are kept, so one method can be re-measured on its own.
     rows, previous = {}, {}
     if out_file.is_file():
@@ -71,10 +69,12 @@ def run_benchmark(
         "command": _command_line(),
         "rows": [],
     }
+    runs_dir.mkdir(parents=True, exist_ok=True)  # a fresh directory per invocation: no earlier run is overwritten
+    batch_dir = Path(tempfile.mkdtemp(prefix=f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}-", dir=runs_dir))
     for m in ids:
         rc = train.RunConfig(
             method=m, data=data, data_dir=data_dir, backbone=backbone, epochs=epochs, steps=steps,
-            batch_size=batch_size, out=str(runs_dir / f"{name}-{m}"), device=device, num_workers=workers,
+            batch_size=batch_size, out=str(batch_dir / m), device=device, num_workers=workers,
             linear_epochs=linear_epochs, progress=sys.stderr.isatty(), preset=preset,
         )
         rows[m] = row(train.train(rc))
@@ -82,6 +82,86 @@ def run_benchmark(
         record["rows"] = [rows[k] for k in sorted(rows)]
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(json.dumps(record, indent=2) + "\n")  # after every method: nothing is lost
+    return record
+
+
+def _implemented(method_ids: list[str] | None) -> list[str]:
+    available = methods.implemented_methods(cat.load_catalog_or_raise())
+    ids = method_ids or list(available)
+    unknown = [m for m in ids if m not in available]
+    if unknown:
+        raise methods.MethodError(f"not implemented: {', '.join(unknown)}; implemented: {', '.join(available)}")
+    return ids
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pure_step_seconds(rc: train.RunConfig, steps: int = 10, warmup: int = 3) -> float:
+    """Seconds per model step on one fixed batch of finished views: forward, loss, backward, optimizer and
+    the method's hooks, nothing of the data path (the floor the harness is measured against)."""
+    run = train.build_run(rc)
+    _, batch = next(train.next_batches(run, 0))
+    batch = train.make_views(run, batch, 0)
+    run.ddp_model.train()
+    for i in range(warmup):
+        train.train_step(run, batch, i)
+    _sync(run.device)
+    t = time.perf_counter()
+    for i in range(steps):
+        train.train_step(run, batch, warmup + i)
+    _sync(run.device)
+    return (time.perf_counter() - t) / steps
+
+
+def run_overhead(
+    data: str, method_ids: list[str] | None, out_file: Path, data_dir: str | None = None,
+    backbone: str = "small_cnn", batch_size: int = 256, steps: int = 60, device: str = "auto", workers: int = 2,
+    preset: str = "paper",
+) -> dict:
+    """For each method: the pure model step on a fixed batch, the steady-state ``selfsup train`` step with
+    the views made on the device and in the loader workers, and the throughput ratios (pure / train)."""
+    ids = _implemented(method_ids)
+    rows, previous = {}, {}
+    if out_file.is_file():
+        previous = json.loads(out_file.read_text())
+        rows = {(r["method"], r.get("backbone"), r.get("device")): r for r in previous.get("rows", [])}
+    dev_name = device_description(device)
+    record = {
+        "benchmark": "overhead",
+        "title": "Harness overhead: the train step beside the pure model step",
+        "description": previous.get("description") or (
+            "Seconds per step at batch 256 on CIFAR-10 (the JPEG archive), the method's paper preset. pure: "
+            "forward, loss, backward, optimizer and hooks on one fixed batch of views. device / loader: the "
+            "steady-state `selfsup train` step (warm-up excluded) with the views made batched on the training "
+            "device, or per image in the loader workers. ratio: pure / train, the fraction of the model's "
+            "throughput the harness delivers."),
+        "dataset": Path(data).name.split(".")[0] if "/" in data else data,
+        "device": dev_name, "date": datetime.date.today().isoformat(), "command": _command_line(), "rows": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="selfsup-overhead-") as tmp:
+        for m in ids:
+            rc = train.RunConfig(method=m, data=data, data_dir=data_dir, backbone=backbone, batch_size=batch_size,
+                                 steps=steps, device=device, num_workers=workers, preset=preset, evaluate=False,
+                                 progress=False, log_every=10, out=f"{tmp}/{m}-pure")
+            pure = pure_step_seconds(rc)
+            timed = {}
+            for augment in ("device", "loader"):
+                res = train.train(dataclasses.replace(rc, augment=augment, out=f"{tmp}/{m}-{augment}"))
+                timed[augment] = res["step_seconds"]
+            row = {"method": m, "backbone": backbone, "batch_size": batch_size, "device": dev_name, "workers": workers,
+                   "pure_step_s": round(pure, 4), "train_step_device_s": round(timed["device"], 4),
+                   "train_step_loader_s": round(timed["loader"], 4),
+                   "device_ratio": round(pure / timed["device"], 3), "loader_ratio": round(pure / timed["loader"], 3)}
+            rows[(m, backbone, dev_name)] = row
+            print(f"{m}: pure {pure:.3f} s, train {timed['device']:.3f} s (device views), "
+                  f"{timed['loader']:.3f} s (loader views): ratio {row['device_ratio']:.2f} / {row['loader_ratio']:.2f}",
+                  file=sys.stderr)
+            record["rows"] = sorted(rows.values(), key=lambda r: (r["method"], r["backbone"], r["device"]))
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            out_file.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -515,6 +515,7 @@ class RunLog:
         self.step_dev = torch.tensor(step, device=run.device)  # the step count, kept on the device
         self.first_bad = torch.tensor(-1, device=run.device)
         self.t_start, self.images, self.last_loss = time.perf_counter(), 0, float("nan")
+        self.log_times: list[tuple[int, float]] = []  # (step, time) at each log step, after the sync
         self.fh = self.progress = None
         if run.d.main:
             path = run.out / "metrics.jsonl"
@@ -562,6 +563,7 @@ class RunLog:
         self.images += run.global_batch
         if step % run.rc.log_every == 0 or step == run.total_steps:
             self.check_finite()
+            self.log_times.append((step, time.perf_counter()))
             _check_collapse(run.model, batch, run.rc.collapse_threshold, step)
             rate = self.images / (time.perf_counter() - self.t_start)
             rec = {"step": step, "epoch": epoch, "img_per_s": round(rate, 1)}
@@ -574,6 +576,14 @@ class RunLog:
                 self.progress.set_postfix(loss=f"{self.last_loss:.4f}", img_s=f"{rate:.0f}")
         if self.progress is not None:
             self.progress.update(1)
+
+    def steady_step_seconds(self) -> float | None:
+        """Seconds per step between the first and the last log step (warm-up excluded; both ends follow a
+        host synchronisation, so the figure holds on CUDA too)."""
+        if len(self.log_times) < 2:
+            return None
+        (s0, t0), (s1, t1) = self.log_times[0], self.log_times[-1]
+        return (t1 - t0) / (s1 - s0)
 
 
 def maybe_checkpoint(run: Run, log: RunLog, step: int, epoch: int, last_save: float) -> float:
@@ -614,10 +624,10 @@ def train(rc: RunConfig) -> dict:
             log.step(outputs, batch, step, epoch)
             last_save = maybe_checkpoint(run, log, step, epoch, last_save)
         seconds = time.perf_counter() - log.t_start
-    return finish(run, seconds, log.last_loss) if run.d.main else {}
+    return finish(run, seconds, log) if run.d.main else {}
 
 
-def finish(run: Run, seconds: float, last_loss: float) -> dict:
+def finish(run: Run, seconds: float, log: RunLog) -> dict:
     """Evaluate beside the random-init baseline and write results.json (rank 0)."""
     rc = run.rc
     trained, random_init = {}, {}
@@ -628,7 +638,8 @@ def finish(run: Run, seconds: float, last_loss: float) -> dict:
     results = {
         "method": Path(rc.method).stem, "dataset": run.ds.name, "backbone": rc.backbone,
         "epochs": run.epochs, "steps": run.total_steps, "batch_size": run.global_batch, "preset": rc.preset,
-        "augment": run.plan.mode, "train_seconds": round(seconds, 1), "final_loss": last_loss,
+        "augment": run.plan.mode, "train_seconds": round(seconds, 1), "final_loss": log.last_loss,
+        "step_seconds": log.steady_step_seconds(),
         "device": str(run.device), "trained": trained, "random_init": random_init,
     }
     (run.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -26,3 +26,22 @@ def test_committed_results_are_valid_for_the_site():
     measured, problems = site.load_measured(cat.ROOT, set(cat.load_catalog(cat.ROOT).entries))
     assert problems == []
     assert {m.data.benchmark for m in measured} >= {"knn-digits", "knn-cifar10-short"}
+
+
+def test_bench_runs_twice_without_overwriting_a_run(tmp_path):
+    out = tmp_path / "tiny.json"
+    for _ in range(2):
+        bench.run_benchmark("tiny", "digits", ["simclr"], out, tmp_path / "runs", steps=2, batch_size=32, linear_epochs=0)
+    runs = sorted((tmp_path / "runs").glob("tiny-*/simclr/config.json"))
+    assert len(runs) >= 1 and json.loads(out.read_text())["rows"][0]["steps"] == 2
+
+
+def test_overhead_benchmark_rows(tmp_path):
+    out = tmp_path / "overhead.json"
+    record = bench.run_overhead("digits", ["simclr"], out, batch_size=32, steps=20, workers=0, device="cpu")
+    (row,) = record["rows"]
+    assert row["method"] == "simclr" and row["backbone"] == "small_cnn" and row["batch_size"] == 32
+    for key in ("pure_step_s", "train_step_device_s", "train_step_loader_s"):
+        assert 0 < row[key] < 60
+    assert row["device_ratio"] == round(row["pure_step_s"] / row["train_step_device_s"], 3)
+    assert json.loads(out.read_text()) == record
