@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--root", help="repository root holding catalog/ and taxonomy/ (default: this checkout)")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback, not one line")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("validate", help="check every catalog entry; exit 1 and list all problems if any")
@@ -435,13 +436,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.root and not all((Path(args.root) / d).is_dir() for d in ("catalog", "taxonomy")):
             raise CLIError(f"--root {args.root}: not a selfsup repository (it needs catalog/ and taxonomy/)")
         return args.func(args)
-    except CLIError as e:
-        print(f"selfsup {args.command}: error: {e}", file=sys.stderr)
+    except (CLIError, cat.CatalogError) as e:
+        if args.debug:
+            e.__suppress_context__ = False  # show where the error came from, not only the one line
+            raise
+        if isinstance(e, cat.CatalogError):
+            problems = "; ".join(str(p) for p in e.problems)
+            print(f"selfsup {args.command}: error: the taxonomy is broken: {problems}", file=sys.stderr)
+        else:
+            print(f"selfsup {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except cat.CatalogError as e:
-        problems = "; ".join(str(p) for p in e.problems)
-        print(f"selfsup {args.command}: error: the taxonomy is broken: {problems}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"selfsup {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         return 0
 

@@ -1,6 +1,7 @@
 """The training loop: exact resume, atomic checkpoints, NaN and collapse guards, CLI errors."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -93,8 +94,9 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"step": Evil()}))
-    with pytest.raises(train.TrainingError, match="nothing was loaded"):
+    with pytest.raises(train.TrainingError) as e:
         train.load_checkpoint(path)
+    assert str(e.value).endswith("which only pickle could rebuild (and pickle can run code); nothing was loaded")
 
 
 def test_nan_guard_stops_with_a_clear_message(tmp_path):
@@ -197,3 +199,125 @@ def test_cli_train_and_eval_roundtrip(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["steps"] == 4 and "knn_top1" in res["trained"]
+
+
+# --- run directories: nothing lost, nothing executed ------------------------------------------------
+
+
+def test_fresh_run_refuses_a_run_directory_and_keeps_it(tmp_path):
+    out = tmp_path / "run"
+    train.train(train.RunConfig(out=str(out), **TINY))
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(train.TrainingError, match=r"already holds a run; continue it with --resume --out"):
+        train.train(train.RunConfig(out=str(out), **TINY))
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(train.TrainingError, match="is not empty and is not a run directory"):
+        train.train(train.RunConfig(out=str(other), **TINY))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(train.TrainingError, match="is a file, not a directory"):
+        train.train(train.RunConfig(out=str(tmp_path / "file"), **TINY))
+
+
+def test_resume_writes_only_where_it_is_pointed_and_honours_steps(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.train(train.RunConfig(out=str(a), **TINY))
+    shutil.copytree(a, b)
+    before_a = {p.name: p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    res = train.resume(b, steps=12)
+    assert res["steps"] == 12 and res["run_dir"] == str(b)
+    assert torch.load(b / "checkpoints" / "last.pt", weights_only=True)["step"] == 12
+    assert {p.name: p.read_bytes() for p in a.rglob("*") if p.is_file()} == before_a
+    assert len(losses(b)) == 12 and losses(b)[:8] == losses(a)
+    with pytest.raises(train.TrainingError, match="batch_size is 64 in .*; a resumed run keeps it"):
+        train.resume(b, batch_size=32)
+
+
+def test_checkpoints_at_every_epoch_end(tmp_path, monkeypatch):
+    """No --checkpoint-every: a kill in the second epoch loses at most that epoch."""
+    cfg = dict(TINY, batch_size=256, steps=9, checkpoint_every=None)  # 1437 // 256 = 5 steps per epoch
+    real_check = train._check_collapse
+
+    def crash_at_step_8(model, batch, threshold, step):
+        if step == 8:
+            raise KeyboardInterrupt("simulated kill")
+        real_check(model, batch, threshold, step)
+
+    monkeypatch.setattr(train, "_check_collapse", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(train.RunConfig(out=str(tmp_path / "run"), **cfg))
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+
+
+def test_checkpoints_every_few_minutes(tmp_path, monkeypatch):
+    clock = iter(range(0, 10**6, 400))  # every call to the clock advances 400 s
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    cfg = dict(TINY, steps=4, checkpoint_every=None, checkpoint_minutes=10.0)
+    saved = []
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, state: (saved.append(state["step"]), real_save(path, state)))
+    train.train(train.RunConfig(out=str(tmp_path / "run"), **cfg))
+    assert saved and saved[0] < 4 and saved[-1] == 4  # a save before the end: the clock, not the epoch
+
+
+EVIL_METHOD = '''
+from pathlib import Path
+Path(__file__).with_name("EXECUTED").write_text("the run directory ran this file")
+'''
+
+
+def test_a_run_directory_cannot_choose_code_to_run(tmp_path):
+    out = tmp_path / "run"
+    train.train(train.RunConfig(out=str(out), **TINY))
+    evil = tmp_path / "evil.py"
+    evil.write_text(EVIL_METHOD)
+    config = json.loads((out / "config.json").read_text())
+    config["run"]["method"] = str(evil)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(train.TrainingError, match="a run directory cannot choose code to run"):
+        train.evaluate_run(out)
+    with pytest.raises(train.TrainingError, match="a run directory cannot choose code to run"):
+        train.resume(out)
+    with pytest.raises(train.TrainingError, match="is a run of .*evil.py', not of 'simclr'"):
+        train.resume(out, method="simclr")
+    assert not (tmp_path / "EXECUTED").exists()
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "config.json: not valid JSON"),
+    ('{"dataset": "digits"}', "config.json: has no 'run' settings"),
+    ('{"run": {"method": "simclr", "colour": 1}}', "config.json: unknown run setting\\(s\\) 'colour'"),
+])
+def test_bad_run_config_is_one_clear_line(tmp_path, content, match):
+    (tmp_path / "config.json").write_text(content)
+    r = cli("eval", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert re.search(match, r.stderr), r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--image-size", "3"], "--image-size must be at least 8, got 3"),
+    (["--image-size", "0"], "--image-size must be at least 8, got 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
+    (["--workers", "-1"], "--workers must be at least 0, got -1"),
+    (["--preset", "smal"], "--preset 'smal': simclr has no such preset; choose from paper, auto, small"),
+])
+def test_bad_train_flags_are_one_clear_line(args, message):
+    r = cli("train", "simclr", "--steps", "1", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_out_pointing_at_a_file_is_refused_and_kept(tmp_path):
+    f = tmp_path / "results.txt"
+    f.write_text("precious")
+    r = cli("train", "simclr", "--steps", "1", "--out", str(f))
+    assert r.returncode == 2 and "is a file, not a directory" in r.stderr and f.read_text() == "precious"
+
+
+def test_debug_shows_the_traceback():
+    r = cli("--debug", "train", "simclr", "--device", "tpu")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "TrainingError" in r.stderr
