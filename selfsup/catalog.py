@@ -365,6 +365,23 @@ def read_yaml(path: Path, display: str | None = None) -> tuple[Any, Problem | No
         return None, Problem(display, None, f"malformed YAML: {e}")
 
 
+TAXONOMY_ID_PATTERN = re.compile(r"^[a-z0-9]+(?:[-_][a-z0-9]+)*$")
+
+
+def _check_taxonomy_ids(items: list, display: str, where: str) -> None:
+    """Taxonomy ids (and enum values) end up in URLs, HTML ids and attributes: plain slugs only."""
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise CatalogError([Problem(display, f"{where}[{i}]", "expected a mapping with an id")])
+        values = [("id", item.get("id"))] + [(f"values[{k}]", v) for k, v in enumerate(item.get("values", ()))]
+        for fld, value in values:
+            if not isinstance(value, str) or not TAXONOMY_ID_PATTERN.match(value):
+                raise CatalogError([Problem(display, f"{where}[{i}].{fld}",
+                                            f"{_short(value)} is not a lowercase slug like 'memory_bank'")])
+        if "subfamilies" in item:
+            _check_taxonomy_ids(item["subfamilies"] or [], display, f"{where}[{i}].subfamilies")
+
+
 def load_taxonomy(root: Path = ROOT) -> Taxonomy:
     """Load taxonomy/*.yaml; a broken taxonomy is a bug of the repository, so it raises."""
     tax = root / "taxonomy"
@@ -375,6 +392,7 @@ def load_taxonomy(root: Path = ROOT) -> Taxonomy:
             raise CatalogError([problem])
         if not isinstance(data, dict) or not isinstance(data.get(name), list):
             raise CatalogError([Problem(str(tax / f"{name}.yaml"), name, "expected a list")])
+        _check_taxonomy_ids(data[name], str(tax / f"{name}.yaml"), name)
         return data[name]
 
     props = [

@@ -301,3 +301,13 @@ def test_links_are_http_urls(tmp_path, fld, value):
     write_entry(tmp_path, "link", **{fld: value})
     (problem,) = problems_in(tmp_path)
     assert problem.startswith(f"{tmp_path}/link.yaml: {fld}: ") and "does not match" in problem
+
+
+@pytest.mark.parametrize("bad_id", ['x" onmouseover="alert(1)', "Contrastive", "a b"])
+def test_taxonomy_ids_must_be_slugs(tmp_path, bad_id):
+    shutil.copytree(ROOT / "taxonomy", tmp_path / "taxonomy")
+    families = tmp_path / "taxonomy" / "families.yaml"
+    text = families.read_text()
+    families.write_text(text.replace("id: memory_bank", f"id: {json.dumps(bad_id)}", 1))
+    with pytest.raises(cat.CatalogError, match=r"families\[0\]\.subfamilies\[0\]\.id: .* is not a lowercase slug"):
+        cat.load_taxonomy(tmp_path)
