@@ -37,21 +37,25 @@ def test_train_writes_run_directory(tmp_path):
     assert 0.0 <= res["trained"]["knn_top1"] <= 1.0
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
-    train.train(train.RunConfig(out=str(tmp_path / "full"), **TINY))
-    want = losses(tmp_path / "full")
-
+def interrupt_at(monkeypatch, at: int) -> None:
+    """Make training stop at step ``at`` as a kill would (the collapse check runs at every logged step)."""
     real_check = train._check_collapse
 
-    def crash_at_step_5(model, batch, threshold, step):
-        if step == 5:
+    def check(model, batch, threshold, step):
+        if step == at:
             raise KeyboardInterrupt("simulated interruption")
         real_check(model, batch, threshold, step)
 
-    monkeypatch.setattr(train, "_check_collapse", crash_at_step_5)
+    monkeypatch.setattr(train, "_check_collapse", check)
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    train.train(train.RunConfig(out=str(tmp_path / "full"), **TINY))
+    want = losses(tmp_path / "full")
+    interrupt_at(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train.train(train.RunConfig(out=str(tmp_path / "cut"), **TINY))
-    monkeypatch.setattr(train, "_check_collapse", real_check)
+    monkeypatch.undo()
     assert torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
     train.resume(tmp_path / "cut")
     got = losses(tmp_path / "cut")
@@ -238,14 +242,7 @@ def test_resume_writes_only_where_it_is_pointed_and_honours_steps(tmp_path):
 def test_checkpoints_at_every_epoch_end(tmp_path, monkeypatch):
     """No --checkpoint-every: a kill in the second epoch loses at most that epoch."""
     cfg = dict(TINY, batch_size=256, steps=9, checkpoint_every=None)  # 1437 // 256 = 5 steps per epoch
-    real_check = train._check_collapse
-
-    def crash_at_step_8(model, batch, threshold, step):
-        if step == 8:
-            raise KeyboardInterrupt("simulated kill")
-        real_check(model, batch, threshold, step)
-
-    monkeypatch.setattr(train, "_check_collapse", crash_at_step_8)
+    interrupt_at(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         train.train(train.RunConfig(out=str(tmp_path / "run"), **cfg))
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
