@@ -77,7 +77,7 @@ class SiteError(Exception):
 class Metric:
     key: str
     name: str
-    kind: str  # "accuracy" (a fraction, shown in %), "number", "seconds"
+    kind: str  # "accuracy" (a fraction, shown in %), "number", "seconds", "step" (seconds per step), "ratio"
 
 
 METRICS = [
@@ -87,6 +87,11 @@ METRICS = [
     Metric("random_init_linear_top1", "Linear top-1, random init (%)", "accuracy"),
     Metric("rankme", "RankMe", "number"),
     Metric("train_seconds", "Train time (s)", "seconds"),
+    Metric("pure_step_s", "Pure step (s)", "step"),
+    Metric("train_step_device_s", "Train step, device views (s)", "step"),
+    Metric("train_step_loader_s", "Train step, loader views (s)", "step"),
+    Metric("device_ratio", "Throughput ratio, device views", "ratio"),
+    Metric("loader_ratio", "Throughput ratio, loader views", "ratio"),
 ]
 
 
@@ -105,6 +110,11 @@ class MeasuredRow(BaseModel):
     random_init_linear_top1: float | None = Field(default=None, ge=0, le=1)
     rankme: float | None = None
     train_seconds: float | None = Field(default=None, ge=0)
+    pure_step_s: float | None = Field(default=None, gt=0)
+    train_step_device_s: float | None = Field(default=None, gt=0)
+    train_step_loader_s: float | None = Field(default=None, gt=0)
+    device_ratio: float | None = Field(default=None, gt=0)
+    loader_ratio: float | None = Field(default=None, gt=0)
 
 
 class MeasuredFile(BaseModel):
@@ -538,6 +548,10 @@ def _metric(value: float | None, metric: Metric | str) -> str:
         return f"{100 * value:.1f}"
     if kind == "seconds":
         return f"{value:.0f}"
+    if kind == "step":
+        return f"{value:.3f}"
+    if kind == "ratio":
+        return f"{value:.2f}"
     return f"{value:.1f}"
 
 
