@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(SELFSUP) validate
-	$(SELFSUP) train simclr
+	$(SELFSUP) train simclr --out runs/demo-simclr-$$(date +%Y%m%d-%H%M%S)  # a fresh run directory each time
 
 lint: setup
 	$(VENV)/bin/ruff check .
