@@ -5,7 +5,9 @@ A method file declares its views as torchvision v2 pipelines, one ``v2.Compose``
 
 - ``device``: every transform of every view has a batched counterpart (:func:`translate`): the loader
   only stacks the decoded uint8 images, and the views are made on the training device (CPU or CUDA)
-  with per-sample random parameters, by kornia's augmentation module and its colour functions.
+  with per-sample random parameters (kornia's crop sampling, blur filter and normalisation; the
+  per-sample gates are ``torch.where`` on parameters drawn on the CPU, never a data-dependent subset,
+  so that no step waits for the device).
   Images decoded per access (large ImageFolders) keep the geometric crop and flip in the loader
   workers, per image, and only the photometric rest is batched.
 - ``loader``: the pipelines run per image in the loader workers, as written. A recipe with a transform
@@ -28,8 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import kornia.augmentation as K
 import kornia.enhance as KE
+import kornia.filters as KF
 import torch
 from kornia.augmentation import random_generator as rg
 from torchvision.transforms import v2
@@ -104,10 +106,10 @@ class HorizontalFlip:
     geometric = True
 
     def __init__(self, t: v2.RandomHorizontalFlip):
-        self.op = K.RandomHorizontalFlip(p=t.p)
+        self.p = t.p
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+        return torch.where(_bernoulli(x.shape[0], self.p, x.device)[:, None, None, None], x.flip(-1), x)
 
 
 class ColorJitter:
@@ -208,15 +210,18 @@ class Grayscale:
 
 class GaussianBlur:
     """torchvision's GaussianBlur with probability p: sigma ~ U(sigma range) per sample, both axes,
-    a fixed kernel size, reflect padding."""
+    a fixed kernel size, reflect padding (kornia's separable filter with a kernel per sample)."""
 
     geometric = False
 
     def __init__(self, t: v2.GaussianBlur, p: float = 1.0):
-        self.op = K.RandomGaussianBlur(tuple(t.kernel_size), tuple(t.sigma), border_type="reflect", p=p)
+        self.kernel, self.sigma, self.p = tuple(t.kernel_size), tuple(t.sigma), p
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+        n = x.shape[0]
+        sigma = (torch.rand(n) * (self.sigma[1] - self.sigma[0]) + self.sigma[0]).to(x.device, non_blocking=True)
+        blurred = KF.gaussian_blur2d(x, self.kernel, sigma[:, None].expand(n, 2), border_type="reflect")
+        return torch.where(_bernoulli(n, self.p, x.device)[:, None, None, None], blurred, x)
 
 
 class Solarize:
