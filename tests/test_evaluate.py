@@ -70,3 +70,17 @@ def test_linear_probe_separates_separable_classes():
     assert acc > 0.95
     noise = torch.randn(400, 16, generator=g)
     assert evaluate.linear_probe(noise[:300], y[:300], noise[300:], y[300:], 4, epochs=30) < 0.5
+
+
+def test_decoded_split_features_equal_the_per_image_transform():
+    """The batched path for decoded splits at the training size is the evaluation transform, batched."""
+    from selfsup import data
+
+    ds = data.load_digits()
+    split = data.Split(ds.test.labels[:40], ds.test.classes, pixels=ds.test.pixels[:40])
+    per_image = data.Split(split.labels, split.classes, decode=lambda i: split.pixels[i])
+    embed = lambda x: x.flatten(1)  # noqa: E731 - the features are the normalised pixels
+    fast = evaluate.extract_features(embed, split, 32, ds.mean, ds.std, torch.device("cpu"))
+    slow = evaluate.extract_features(embed, per_image, 32, ds.mean, ds.std, torch.device("cpu"))
+    torch.testing.assert_close(fast[0], slow[0], atol=1e-6, rtol=0)
+    assert torch.equal(fast[1], slow[1])
