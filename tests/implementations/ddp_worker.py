@@ -1,18 +1,110 @@
-"""Run under torchrun (gloo, CPU): one DDP step on this rank's shard of a fixed global batch.
+"""Every method's distributed check, and the harness under DDP, in one torchrun launch (gloo, CPU).
 
-Writes the rank-averaged loss and the DDP-averaged gradients to the file given as argv[2], so that the
-test can compare them with one process on the concatenated batch. BatchNorm layers are replaced by
-identities in both: without SyncBatchNorm (CUDA only) each rank normalises with its own statistics,
-which is a property of BN, not of the method's loss; the test isolates what the method file controls.
+    torchrun --standalone --nproc_per_node=2 tests/implementations/ddp_worker.py OUT.pt \\
+        [--methods simclr,byol] [--harness RUN_DIR]
+
+For each method (default: every implemented method of the catalog, less those whose ``CASES`` entry says
+there is nothing to check), one DDP step on this rank's shard of a fixed global batch, all in the same
+process group. Rank 0 writes the rank-averaged loss and the DDP-averaged gradients of every method to
+OUT.pt, rewritten after each method, so that a launch that dies still leaves the results before it and
+names the method it was checking. ``test_distributed.py`` compares them with one process on the
+concatenated batch (:func:`one_process`). A method that raises records the traceback of each rank
+instead, and the launch moves on to the next method.
+
+BatchNorm layers are replaced by identities in both: without SyncBatchNorm (CUDA only) each rank
+normalises with its own statistics, which is a property of BN, not of the method's loss; the check
+isolates what the method file controls.
+
+With ``--harness RUN_DIR``, ``selfsup.train.train`` then trains SimCLR for 3 steps in the same process
+group (``init_distributed`` reuses an initialised group): rank 0 writes and evaluates, each rank says
+whether it reported.
+
+Adding a method needs nothing here when it fits the generic pattern: two 8x8 views of 8 images in, a
+scalar ``loss`` out, ``index`` = position in the global batch, ``label`` = -1 (or 2 classes when the
+Config sets ``uses_labels``), ``setup(NUM_SAMPLES, NUM_CLASSES)`` before the forward, the global RNG
+seeded alike before it on every rank and in the one-process run. Otherwise give it a ``Case`` in
+``CASES``: ``skip`` (why there is nothing to check), Config ``overrides``, its own global ``batch``
+(every tensor in it is split along dim 0 across ranks) or ``backbone``.
+
+Teardown: the process ends with ``os._exit`` after a barrier, without interpreter finalisation. The
+gloo worker threads signal a collective's completion before they drop their reference to it; when
+that reference is the last one to a tensor made in Python, dropping it takes the GIL, and a thread that
+takes the GIL once ``Py_FinalizeEx`` has begun is ended by ``pthread_exit``, which unwinds through a
+``noexcept`` destructor: "terminate called without an active exception", SIGABRT (pytorch/pytorch
+#190489). ``destroy_process_group`` does not prevent it: gloo has no ``shutdown``, and its threads are
+joined only when the last reference to the group goes (with torch 2.14 both ``pt_gloo_runloop`` threads
+are still running after ``destroy_process_group``, deleting the DDP model and ``gc.collect()``). The
+barrier also keeps a rank from leaving while the other may still be in a collective with it.
 """
 
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
 import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from selfsup import methods
+from selfsup import catalog, methods
+
+N = 8  # images in the global batch (split evenly across ranks)
+NUM_SAMPLES, NUM_CLASSES = 16, 2  # what setup() is told about the "data set"
+SMALL = {"proj_hidden_dim": "16", "proj_dim": "8"}  # applied where the Config has these fields
+BUILD_SEED, FORWARD_SEED = 0, 1
+TIMEOUT = timedelta(seconds=120)  # a rank left waiting by the other fails instead of hanging
+
+
+@dataclass(frozen=True)
+class Case:
+    """How one method's check differs from the generic one."""
+
+    skip: str | None = None
+    """Why the method has nothing to check under DDP (shown as the test's skip reason)."""
+    overrides: dict[str, str] = field(default_factory=dict)
+    """Config changes (``--set`` syntax) on top of ``SMALL``, e.g. to shrink wide heads."""
+    batch: Callable[[object, int], dict] | None = None
+    """``(cfg, n) -> batch`` with the global batch of n samples, instead of :func:`generic_batch`."""
+    backbone: Callable[[], nn.Module] | None = None
+    """A backbone with ``feature_dim``, instead of :func:`tiny_backbone` (e.g. a ViT for masking)."""
+
+
+CASES: dict[str, Case] = {}
+
+
+def case_for(method: str) -> Case:
+    return CASES.get(method, Case())
+
+
+@functools.cache
+def _method_files() -> dict[str, Path]:
+    return methods.implemented_methods(catalog.load_catalog())
+
+
+def implemented() -> list[str]:
+    """Every implemented method of the catalog, by id."""
+    return sorted(_method_files())
+
+
+def load(method: str):
+    """The method's module, from its file: ``load_method_module(id)`` would re-read the whole catalog
+    on every call (seconds), once per method, per rank and in the test process."""
+    return methods.load_method_module(str(_method_files()[method]))
+
+
+def checked_methods() -> list[str]:
+    return [m for m in implemented() if not case_for(m).skip]
+
+
+# --- the model and the batch, built alike on every rank and in the one-process run ---------------
 
 
 def strip_batchnorm(module: nn.Module) -> nn.Module:
@@ -30,41 +122,156 @@ def tiny_backbone() -> nn.Module:
     return net
 
 
-def build(method: str):
-    module = methods.load_method_module(method)
-    cfg = methods.make_config(module, {"proj_hidden_dim": "16", "proj_dim": "8"})
-    torch.manual_seed(0)
-    return strip_batchnorm(module.MODEL(tiny_backbone(), 32, cfg))
+def build(method: str) -> tuple[nn.Module, object, set[str]]:
+    """(model with BN stripped and setup() done, its Config, names of the backbone's parameters)."""
+    module = load(method)
+    case = case_for(method)
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    cfg = methods.make_config(module, {**{k: v for k, v in SMALL.items() if k in fields}, **case.overrides})
+    torch.manual_seed(BUILD_SEED)
+    backbone = (case.backbone or tiny_backbone)()
+    model = module.MODEL(backbone, backbone.feature_dim, cfg)
+    if hasattr(model, "setup"):
+        model.setup(NUM_SAMPLES, NUM_CLASSES)
+    strip_batchnorm(model)
+    own = {id(p) for p in backbone.parameters()}
+    return model, cfg, {n for n, p in model.named_parameters() if id(p) in own}
 
 
-def global_batch(n: int = 8) -> list[torch.Tensor]:
+def generic_batch(cfg, n: int = N) -> dict:
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(n, 3, 8, 8, generator=g) for _ in range(2)]
+    views = [torch.randn(n, 3, 8, 8, generator=g) for _ in range(2)]
+    labels = torch.arange(n) % NUM_CLASSES if getattr(cfg, "uses_labels", False) else torch.full((n,), -1)
+    return {"views": views, "index": torch.arange(n), "label": labels}
 
 
-def batch_of(views: list[torch.Tensor]) -> dict:
-    n = len(views[0])
-    return {"views": views, "index": torch.arange(n), "label": torch.full((n,), -1)}
+def global_batch(method: str, cfg) -> dict:
+    return (case_for(method).batch or generic_batch)(cfg, N)
 
 
-def main() -> None:
-    method, out = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = nn.parallel.DistributedDataParallel(build(method))
-    views = global_batch()
-    shard = len(views[0]) // world
-    local = [v[rank * shard : (rank + 1) * shard] for v in views]
-    loss = model(batch_of(local))["loss"]
+def shard(batch, rank: int, world: int):
+    """This rank's rows of every tensor in the batch (lists and dicts are walked)."""
+    if isinstance(batch, torch.Tensor):
+        if batch.shape[0] % world:
+            raise ValueError(f"a batch tensor of {batch.shape[0]} rows does not split over {world} ranks")
+        k = batch.shape[0] // world
+        return batch[rank * k : (rank + 1) * k]
+    if isinstance(batch, dict):
+        return {key: shard(v, rank, world) for key, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(shard(v, rank, world) for v in batch)
+    return batch
+
+
+def one_process(method: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], set[str]]:
+    """The reference: (loss, gradients by parameter name, backbone parameter names) on the whole batch."""
+    model, cfg, backbone = build(method)
+    batch = global_batch(method, cfg)
+    torch.manual_seed(FORWARD_SEED)
+    loss = model(batch)["loss"]
     loss.backward()
-    mean_loss = loss.detach().clone()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, backbone
+
+
+# --- under torchrun ---------------------------------------------------------------------------------
+
+
+def ddp_step(method: str, rank: int, world: int) -> tuple[nn.Module, torch.Tensor]:
+    model, cfg, _ = build(method)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    batch = shard(global_batch(method, cfg), rank, world)
+    torch.manual_seed(FORWARD_SEED)
+    loss = ddp(batch)["loss"]
+    loss.backward()
+    return model, loss.detach()
+
+
+def check_method(method: str, rank: int, world: int) -> dict:
+    """Collectives in the same order on every rank, whether the method raised or not."""
+    model, loss, error = None, None, ""
+    try:
+        model, loss = ddp_step(method, rank, world)
+    except Exception:  # noqa: BLE001 - reported to the test, which names the method
+        error = traceback.format_exc()
+    errors = [""] * world
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        return {"errors": errors}
+    mean_loss = loss.clone()
     dist.all_reduce(mean_loss)
     mean_loss /= world
-    if rank == 0:
-        grads = {n: p.grad.clone() for n, p in model.module.named_parameters() if p.grad is not None}
-        torch.save({"loss": mean_loss, "grads": grads}, out)
-    dist.destroy_process_group()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"errors": errors, "loss": mean_loss, "grads": grads}
+
+
+def check_harness(run_dir: str, rank: int, world: int) -> dict:
+    from selfsup import train
+
+    rc = train.RunConfig(method="simclr", steps=3, batch_size=16, device="cpu", out=run_dir, num_workers=0,
+                         linear_epochs=0, progress=False, overrides={"proj_hidden_dim": "32"})
+    reported, error = False, ""
+    try:
+        reported = bool(train.train(rc))
+    except Exception:  # noqa: BLE001
+        error = traceback.format_exc()
+    if not dist.is_initialized():
+        msg = "selfsup.train.train destroyed a process group that its caller had initialised"
+        return {"reported": [reported] * world, "errors": [msg] * world}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (reported, error))
+    return {"reported": [r for r, _ in gathered], "errors": [e for _, e in gathered]}
+
+
+def save(record: dict, out: Path) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(record, tmp)
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--methods", help="comma-separated method ids (default: every checked method; '' for none)")
+    p.add_argument("--harness", metavar="RUN_DIR", help="also train SimCLR through selfsup.train into RUN_DIR")
+    args = p.parse_args(argv)
+    ids = checked_methods() if args.methods is None else [m for m in args.methods.split(",") if m]
+
+    dist.init_process_group("gloo", timeout=TIMEOUT)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    record = {"world_size": world, "methods": {}, "running": "", "harness": None}
+    try:
+        for method in ids:
+            if rank == 0:
+                record["running"] = method
+                save(record, args.out)
+            result = check_method(method, rank, world)
+            if rank == 0:
+                record["methods"][method] = result
+                print(f"ddp_worker: {method}: {'raised' if any(result['errors']) else 'done'}", file=sys.stderr)
+        if args.harness:
+            if rank == 0:
+                record["running"] = "harness"
+                save(record, args.out)
+            record["harness"] = check_harness(args.harness, rank, world)
+        record["running"] = ""
+        if rank == 0:
+            save(record, args.out)
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        code = main()
+    except SystemExit as e:  # argparse
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see "Teardown" above: no interpreter finalisation while gloo threads may still run
