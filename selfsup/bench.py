@@ -99,7 +99,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def pure_step_seconds(rc: train.RunConfig, steps: int = 10, warmup: int = 3) -> float:
+def pure_step_seconds(rc: train.RunConfig, steps: int = 20, warmup: int = 5) -> float:
     """Seconds per model step on one fixed batch of finished views: forward, loss, backward, optimizer and
     the method's hooks, nothing of the data path (the floor the harness is measured against)."""
     run = train.build_run(rc)

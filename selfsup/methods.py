@@ -77,6 +77,10 @@ def load_method_module(method: str, root: Path = ROOT) -> types.ModuleType:
             raise MethodError(f"{method}: no such method file")
         name = f"selfsup_method_{path.stem}"
     else:
+        name = f"selfsup_method_{method.replace('-', '_')}"
+        loaded = sys.modules.get(name)
+        if loaded is not None and getattr(loaded, "__selfsup_id_of__", None) == str(root):
+            return loaded  # imported by id from this repository already: no need to re-read the catalog
         catalog = load_catalog(root)
         impl = implemented_methods(catalog)
         if method not in impl:
@@ -88,13 +92,14 @@ def load_method_module(method: str, root: Path = ROOT) -> types.ModuleType:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise MethodError(f"unknown method {method!r}{hint}; implemented: {', '.join(impl)}")
         path = impl[method]
-        name = f"selfsup_method_{method.replace('-', '_')}"
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses need the module registered
     spec.loader.exec_module(module)
+    if path.suffix == ".py" and Path(method).suffix != ".py":
+        module.__selfsup_id_of__ = str(root)  # loaded by catalog id, not from a path given by the user
     for attr in ("Config", "augmentations", "MODEL"):
         if not hasattr(module, attr):
             raise MethodError(f"{path}: a method file defines {attr} (see selfsup.methods)")

@@ -229,6 +229,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False
+    """The process group was created here (not by a caller), so it is destroyed here too."""
 
     @property
     def main(self) -> bool:
@@ -239,10 +241,11 @@ def init_distributed(device: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 
 def resolve_device(device: str, d: Dist) -> torch.device:
@@ -606,7 +609,18 @@ def maybe_checkpoint(run: Run, log: RunLog, step: int, epoch: int, last_save: fl
 def train(rc: RunConfig) -> dict:
     """Train ``rc.method`` and return the results (also written to the run directory)."""
     run = build_run(rc)
-    step = restore(run) if rc.resume else 0
+    try:
+        seconds, log = train_loop(run, restore(run) if rc.resume else 0)
+        if run.d.world > 1:
+            dist.barrier()  # every rank is past its last collective before any of them leaves
+        return finish(run, seconds, log) if run.d.main else {}
+    finally:
+        if run.d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_loop(run: Run, step: int) -> tuple[float, RunLog]:
+    """The steps from ``step`` to the end: views, step, log, checkpoint. Returns (seconds, log)."""
     if run.d.main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / RUN_MARKER).write_text(json.dumps(run.record(), indent=2, default=str) + "\n")
@@ -623,8 +637,7 @@ def train(rc: RunConfig) -> dict:
             step += 1
             log.step(outputs, batch, step, epoch)
             last_save = maybe_checkpoint(run, log, step, epoch, last_save)
-        seconds = time.perf_counter() - log.t_start
-    return finish(run, seconds, log) if run.d.main else {}
+        return time.perf_counter() - log.t_start, log
 
 
 def finish(run: Run, seconds: float, log: RunLog) -> dict:
@@ -687,12 +700,13 @@ def _view_pairs(model, plan: views.ViewPlan, split: data.Split, device, seed: in
 
 
 @torch.no_grad()
-def _check_collapse(model: nn.Module, batch: dict, threshold: float, step: int) -> None:
+def _check_collapse(model: nn.Module, batch: dict, threshold: float, step: int, n: int = 64) -> None:
+    """Stop when the embeddings of (up to n images of) the batch's first view have all but collapsed."""
     if threshold <= 0:
         return
     was = model.training
     model.eval()
-    z = model.embed(batch["views"][0]).float()
+    z = model.embed(batch["views"][0][:n]).float()
     model.train(was)
     std = evaluate.feature_std(z)
     if std < threshold:

@@ -5,7 +5,7 @@ A method file declares its views as torchvision v2 pipelines, one ``v2.Compose``
 
 - ``device``: every transform of every view has a batched counterpart (:func:`translate`): the loader
   only stacks the decoded uint8 images, and the views are made on the training device (CPU or CUDA)
-  with per-sample random parameters (kornia's crop sampling, blur filter and normalisation; the
+  with per-sample random parameters (kornia's crop sampling and blur filter; the
   per-sample gates are ``torch.where`` on parameters drawn on the CPU, never a data-dependent subset,
   so that no step waits for the device).
   Images decoded per access (large ImageFolders) keep the geometric crop and flip in the loader
@@ -30,7 +30,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import kornia.enhance as KE
 import kornia.filters as KF
 import torch
 from kornia.augmentation import random_generator as rg
@@ -54,21 +53,19 @@ def _bernoulli(n: int, p: float, device: torch.device) -> torch.Tensor:
 def _resize_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int, antialias: bool) -> torch.Tensor:
     """(N, out_size, in_size) separable weights that resize rows [start, start + length) of each sample to
     out_size, as ``F.interpolate(mode="bilinear", align_corners=False, antialias=...)`` does on the crop."""
-    scale = (length.double() / out_size)[:, None, None]  # (N, 1, 1) input pixels per output pixel
-    centre = scale * (torch.arange(out_size, dtype=torch.float64)[None, :, None] + 0.5)  # (N, S, 1) in crop coordinates
-    a = torch.arange(in_size, dtype=torch.float64)[None, None, :] - start.double()[:, None, None]  # (N, 1, H)
-    inside = (a >= 0) & (a < length.double()[:, None, None])
+    length = length.float()[:, None, None]  # (N, 1, 1)
+    scale = length / out_size  # input pixels per output pixel
+    centre = scale * (torch.arange(out_size, dtype=torch.float32)[None, :, None] + 0.5)  # (N, S, 1), crop coordinates
+    a = torch.arange(in_size, dtype=torch.float32)[None, None, :] - start.float()[:, None, None]  # (N, 1, H)
     if antialias:  # PyTorch's anti-aliased kernel: a triangle filter stretched by the downscaling factor
-        support = torch.where(scale >= 1, scale, torch.ones_like(scale))
-        xmin = (centre - support + 0.5).trunc().clamp(min=0)
-        xmax = torch.minimum((centre + support + 0.5).trunc(), length.double()[:, None, None])
-        w = (1 - ((a - centre + 0.5) / support).abs()).clamp(min=0) * ((a >= xmin) & (a < xmax))
+        support = scale.clamp(min=1.0)
+        xmin = (centre - support + 0.5).trunc().clamp_(min=0)
+        xmax = torch.minimum((centre + support + 0.5).trunc(), length)
+        w = (1 - ((a - centre + 0.5) / support).abs()).clamp_(min=0) * ((a >= xmin) & (a < xmax))
     else:  # plain bilinear: the source coordinate clamped into the crop, two taps
-        src = (centre - 0.5).clamp(min=0)
-        src = torch.minimum(src, length.double()[:, None, None] - 1)
-        w = (1 - (a - src).abs()).clamp(min=0)
-    w = w * inside
-    return (w / w.sum(dim=2, keepdim=True).clamp(min=1e-12)).float()
+        src = torch.minimum((centre - 0.5).clamp(min=0), length - 1)
+        w = (1 - (a - src).abs()).clamp_(min=0) * ((a >= 0) & (a < length))
+    return w / w.sum(dim=2, keepdim=True).clamp_(min=1e-12)
 
 
 class ResizedCrop:
@@ -96,7 +93,12 @@ class ResizedCrop:
         (h_out, w_out), (_, _, h_in, w_in) = self.size, x.shape
         rows = _resize_weights(boxes[:, 0], boxes[:, 2], h_out, h_in, self.antialias).to(x.device, non_blocking=True)
         cols = _resize_weights(boxes[:, 1], boxes[:, 3], w_out, w_in, self.antialias).to(x.device, non_blocking=True)
-        return rows[:, None] @ x @ cols.transpose(1, 2)[:, None]  # (N, 1, S, H) (N, C, H, W) (N, 1, W, S)
+        rows, cols = rows.to(x.dtype), cols.to(x.dtype)
+        n, c = x.shape[:2]
+        # two batched products over the N samples: rows (N, S, H) x (N, H, C*W), then (N, S*C, W) x cols^T
+        y = torch.bmm(rows, x.permute(0, 2, 1, 3).reshape(n, h_in, c * w_in))  # (N, S_h, C*W)
+        y = torch.bmm(y.view(n, h_out * c, w_in), cols.transpose(1, 2))  # (N, S_h*C, S_w)
+        return y.view(n, h_out, c, w_out).permute(0, 2, 1, 3).contiguous()  # (N, C, S_h, S_w)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.apply(x, self.boxes(x.shape))
@@ -241,10 +243,10 @@ class Normalize:
     geometric = False
 
     def __init__(self, t: v2.Normalize):
-        self.mean, self.std = torch.tensor(t.mean), torch.tensor(t.std)
+        self.mean, self.std = torch.tensor(t.mean).view(1, -1, 1, 1), torch.tensor(t.std).view(1, -1, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return KE.normalize(x, self.mean.to(x.device), self.std.to(x.device))
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
 # --- translation ------------------------------------------------------------------------------------
@@ -301,10 +303,14 @@ class DeviceView:
         self.ops = list(ops)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x
-        for op in self.ops:
+        x = _to_float(x)
+        for op in self.ops:  # each op returns a new tensor: x may be shared with the other views
             x = op(x)
         return x
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 @dataclass
@@ -325,7 +331,8 @@ class ViewPlan:
     def make_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """What the loader yielded (on the device) -> the method's V views."""
         if self.shared_input:
-            return [d(views[0]) for d in self.device]
+            x = _to_float(views[0])  # once for all views
+            return [d(x) for d in self.device]
         return [v if d is None else d(v) for v, d in zip(views, self.device)]
 
 
