@@ -1,6 +1,7 @@
 """The training loop: exact resume, atomic checkpoints, NaN and collapse guards, CLI errors."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -318,3 +319,22 @@ def test_out_pointing_at_a_file_is_refused_and_kept(tmp_path):
 def test_debug_shows_the_traceback():
     r = cli("--debug", "train", "simclr", "--device", "tpu")
     assert r.returncode != 0 and "Traceback" in r.stderr and "TrainingError" in r.stderr
+
+
+@pytest.mark.parametrize("augment", ["device", "loader"])
+def test_both_view_paths_train(tmp_path, augment):
+    res = train.train(train.RunConfig(out=str(tmp_path / "run"), augment=augment, **{**TINY, "steps": 3}))
+    assert res["augment"] == augment and len(losses(tmp_path / "run")) == 3
+    assert all(math.isfinite(v) for v in losses(tmp_path / "run"))
+
+
+def test_large_images_crop_in_the_loader_and_train(tmp_path):
+    """ImageFolder images above 128 px: decoded and cropped per image in workers, colour batched."""
+    from tests.test_data import make_folder
+
+    root = make_folder(tmp_path / "big", per_class=4, size=144)
+    res = train.train(train.RunConfig(out=str(tmp_path / "run"), data=str(root), image_size=32, num_workers=1,
+                                      **{**TINY, "batch_size": 4, "steps": 2, "evaluate": True}))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["augment"] == "device" and config["image_size"] == 32 and res["steps"] == 2
+    assert 0 <= res["trained"]["knn_top1"] <= 1
