@@ -413,7 +413,11 @@ def build_run(rc: RunConfig) -> Run:
         model.to(memory_format=torch.channels_last)
     if d.world > 1 and cuda and getattr(cfg, "sync_batchnorm", False):  # SyncBatchNorm needs CUDA
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if d.world > 1 else model
+    # no buffer broadcast: method state (banks, queues, EMA targets) is kept identical on every rank by the
+    # method itself, and re-sending a memory bank of the training set before every forward would cost more
+    # than the step; BN running statistics stay per rank (rank 0's are saved and evaluated)
+    ddp_model = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+                 if d.world > 1 else model)
 
     sampler = data.EpochSampler(len(ds.train), rc.batch_size, rc.seed, d.rank, d.world)
     total_steps = rc.steps if rc.steps is not None else rc.epochs * sampler.batches_per_epoch

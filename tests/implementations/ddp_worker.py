@@ -5,8 +5,8 @@
 
 For each method (default: every implemented method of the catalog, less those whose ``CASES`` entry says
 there is nothing to check), one DDP step on this rank's shard of a fixed global batch, all in the same
-process group. Rank 0 writes the rank-averaged loss and the DDP-averaged gradients of every method to
-OUT.pt, rewritten after each method, so that a launch that dies still leaves the results before it and
+process group, then the method's ``on_step_end``. Rank 0 writes the rank-averaged loss, the DDP-averaged
+gradients and every rank's buffers (banks, queues, targets) of every method to OUT.pt, rewritten after each method, so that a launch that dies still leaves the results before it and
 names the method it was checking. ``test_distributed.py`` compares them with one process on the
 concatenated batch (:func:`one_process`). A method that raises records the traceback of each rank
 instead, and the launch moves on to the next method.
@@ -77,7 +77,9 @@ class Case:
     """A backbone with ``feature_dim``, instead of :func:`tiny_backbone` (e.g. a ViT for masking)."""
 
 
-CASES: dict[str, Case] = {}
+CASES: dict[str, Case] = {
+    "instdisc": Case(overrides={"nce_k": "8"}),  # 8 noise samples in a bank of 16
+}
 
 
 def case_for(method: str) -> Case:
@@ -163,14 +165,23 @@ def shard(batch, rank: int, world: int):
     return batch
 
 
-def one_process(method: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], set[str]]:
-    """The reference: (loss, gradients by parameter name, backbone parameter names) on the whole batch."""
+def end_step(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The method's after-step hook (queues, EMA targets), then its buffers: the state every rank must share."""
+    if hasattr(model, "on_step_end"):
+        model.on_step_end(1, 10)
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+def one_process(method: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], set[str], dict[str, torch.Tensor]]:
+    """The reference on the whole batch: (loss, gradients by parameter name, backbone parameter names,
+    buffers after the step)."""
     model, cfg, backbone = build(method)
     batch = global_batch(method, cfg)
     torch.manual_seed(FORWARD_SEED)
     loss = model(batch)["loss"]
     loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, backbone
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, backbone, end_step(model)
 
 
 # --- under torchrun ---------------------------------------------------------------------------------
@@ -178,7 +189,8 @@ def one_process(method: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], set
 
 def ddp_step(method: str, rank: int, world: int) -> tuple[nn.Module, torch.Tensor]:
     model, cfg, _ = build(method)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    # as the harness wraps it: no buffer broadcast, which would hide a rank whose state drifted
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     batch = shard(global_batch(method, cfg), rank, world)
     torch.manual_seed(FORWARD_SEED)
     loss = ddp(batch)["loss"]
@@ -201,7 +213,9 @@ def check_method(method: str, rank: int, world: int) -> dict:
     dist.all_reduce(mean_loss)
     mean_loss /= world
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {"errors": errors, "loss": mean_loss, "grads": grads}
+    buffers = [None] * world
+    dist.all_gather_object(buffers, end_step(model))
+    return {"errors": errors, "loss": mean_loss, "grads": grads, "buffers": buffers}
 
 
 def check_harness(run_dir: str, rank: int, world: int) -> dict:

@@ -1,4 +1,4 @@
-"""Under torchrun --nproc_per_node=2 (gloo, CPU), loss and gradients equal one process on the whole batch.
+"""Under torchrun --nproc_per_node=2 (gloo, CPU), loss, gradients and buffers equal one process on the whole batch.
 
 One launch (the module-scoped ``launch`` fixture) runs every selected method's check and the harness
 check in the same process group (see ``ddp_worker``); each method then has its own test, which compares
@@ -98,7 +98,7 @@ def test_two_ranks_equal_one_process(method, request):
         pytest.skip(f"{method}: {case.skip}")
     ranks = request.getfixturevalue("launch").method(method)
 
-    loss, grads, backbone = ddp_worker.one_process(method)
+    loss, grads, backbone, buffers = ddp_worker.one_process(method)
     torch.testing.assert_close(ranks["loss"], loss, rtol=1e-5, atol=1e-6,
                                msg=lambda m: f"{method}: rank-averaged loss vs one process\n{m}")
     assert set(grads) == set(ranks["grads"]), f"{method}: parameters with gradients differ: {set(grads) ^ set(ranks['grads'])}"
@@ -106,6 +106,12 @@ def test_two_ranks_equal_one_process(method, request):
     for name, g in grads.items():
         torch.testing.assert_close(ranks["grads"][name], g, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, name=name: f"{method}: DDP gradient of {name} vs one process\n{m}")
+    # state written from the batch (memory banks, queues) must hold the global batch, alike on every rank
+    for rank, got in enumerate(ranks["buffers"]):
+        assert set(got) == set(buffers), f"{method}: rank {rank} has buffers {sorted(got)}, one process {sorted(buffers)}"
+        for name, b in buffers.items():
+            torch.testing.assert_close(got[name], b, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name, rank=rank: f"{method}: rank {rank}'s buffer {name} after the step vs one process\n{m}")
 
 
 @pytest.mark.distributed
