@@ -34,6 +34,10 @@ Optional hooks, called when defined:
 ``setup(num_samples, num_classes)``
     Once, before the optimizer is built: allocate memory banks, queues sized to the data set,
     prototypes, class-dependent heads.
+``set_normalization(mean, std)``
+    Right after construction: the data set's per-channel mean and std, with which every view and every
+    evaluation image arrive normalised (a method that works in another colour space, e.g. CMC's Lab,
+    undoes it first).
 ``on_step_end(step, total_steps)``
     After every optimizer step (``step`` counts finished steps): EMA targets and their schedules,
     queue bookkeeping, temperature or centre updates.

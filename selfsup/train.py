@@ -274,10 +274,15 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 999_983 + step * 7_907 + rank * 15_485_863 + 1) % (2**63 - 1)
 
 
-def build_model(module, cfg, backbone_name: str, image_size: int, seed: int) -> nn.Module:
+def build_model(module, cfg, backbone_name: str, ds: data.DataSet, seed: int) -> nn.Module:
+    """The method's model on a fresh backbone; a model with ``set_normalization`` is told the data set's
+    mean and std (a method that converts colour spaces must undo the normalisation first)."""
     seed_everything(seed)  # same initial weights for the run and its random-init baseline
-    backbone = backbones.build_backbone(backbone_name, image_size)
-    return module.MODEL(backbone, backbone.feature_dim, cfg)
+    backbone = backbones.build_backbone(backbone_name, ds.image_size)
+    model = module.MODEL(backbone, backbone.feature_dim, cfg)
+    if hasattr(model, "set_normalization"):
+        model.set_normalization(tuple(ds.mean), tuple(ds.std))
+    return model
 
 
 def default_out(rc: RunConfig) -> Path:
@@ -403,7 +408,7 @@ def build_run(rc: RunConfig) -> Run:
     if d.main:
         print(ds.describe(), file=sys.stderr)
 
-    model = build_model(module, cfg, rc.backbone, ds.image_size, rc.seed)
+    model = build_model(module, cfg, rc.backbone, ds, rc.seed)
     if hasattr(model, "setup"):
         model.setup(len(ds.train), ds.num_classes)
     model.to(device)
@@ -650,7 +655,7 @@ def finish(run: Run, seconds: float, log: RunLog) -> dict:
     trained, random_init = {}, {}
     if rc.evaluate:
         trained = evaluate_model(run.model, run.plan, run.ds, rc, run.device)
-        baseline = build_model(run.module, run.cfg, rc.backbone, run.ds.image_size, rc.seed).to(run.device)
+        baseline = build_model(run.module, run.cfg, rc.backbone, run.ds, rc.seed).to(run.device)
         random_init = evaluate_model(baseline, run.plan, run.ds, rc, run.device)
     results = {
         "method": Path(rc.method).stem, "dataset": run.ds.name, "backbone": rc.backbone,
@@ -767,7 +772,7 @@ def evaluate_run(out: str | Path, device: str = "auto", method: str | None = Non
     rc.validate()
     module, ds, cfg = load_method_and_data(rc)
     dev = resolve_device(device, Dist())
-    model = build_model(module, cfg, rc.backbone, ds.image_size, rc.seed)
+    model = build_model(module, cfg, rc.backbone, ds, rc.seed)
     if hasattr(model, "setup"):
         model.setup(len(ds.train), ds.num_classes)
     state = load_checkpoint(out / "checkpoints" / "last.pt")
@@ -776,7 +781,7 @@ def evaluate_run(out: str | Path, device: str = "auto", method: str | None = Non
     except (KeyError, RuntimeError) as e:
         raise TrainingError(f"checkpoint in {out} does not match its config: {str(e).strip().splitlines()[0]}") from None
     model.to(dev)
-    baseline = build_model(module, cfg, rc.backbone, ds.image_size, rc.seed).to(dev)
+    baseline = build_model(module, cfg, rc.backbone, ds, rc.seed).to(dev)
     plan = views.plan_views(module.augmentations(cfg, ds.image_size, ds.mean, ds.std), ds.test.in_memory, rc.augment)
     return {
         "method": Path(rc.method).stem, "dataset": ds.name, "backbone": rc.backbone, "steps": int(state["step"]),

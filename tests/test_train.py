@@ -338,3 +338,23 @@ def test_large_images_crop_in_the_loader_and_train(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["augment"] == "device" and config["image_size"] == 32 and res["steps"] == 2
     assert 0 <= res["trained"]["knn_top1"] <= 1
+
+
+def test_build_model_tells_the_model_the_data_sets_normalisation():
+    import types
+
+    import torch.nn as nn
+
+    from selfsup import data
+
+    class Recorder(nn.Module):
+        def __init__(self, backbone, feature_dim, cfg):
+            super().__init__()
+            self.backbone, self.seen = backbone, None
+
+        def set_normalization(self, mean, std):
+            self.seen = (mean, std)
+
+    ds = data.load_digits()
+    model = train.build_model(types.SimpleNamespace(MODEL=Recorder), None, "small_cnn", ds, 0)
+    assert model.seen == (tuple(ds.mean), tuple(ds.std))
