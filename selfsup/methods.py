@@ -45,7 +45,10 @@ Optional hooks, called when defined:
     Before every epoch; ``features()`` returns embeddings of the whole training set in index order
     (computed with the evaluation transform), e.g. for DeepCluster's k-means or PCL's prototypes.
 ``param_groups()``
-    Parameter groups when a method needs its own (e.g. a frozen part, a different learning rate).
+    Parameter groups when a method needs its own (e.g. a frozen part, a different learning rate). Besides
+    the optimizer's keys a group may set ``fixed_lr: True`` (the peak rate throughout, no warm-up or
+    decay: SimSiam's predictor), ``frozen_epochs: k`` (rate 0 during the first k epochs: DINO's last
+    layer) and ``lr_scale`` (a factor on the scheduled rate); ``lars: False`` exempts it from LARS.
 
 State that must survive a checkpoint (memory banks, queues, centres, cluster assignments) is kept in
 registered buffers or parameters: checkpoints hold ``state_dict()``, the optimizer and the step.

@@ -177,6 +177,15 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     raise TrainingError(f"unknown optimizer {name!r} in the method's Config; expected sgd, lars or adamw")
 
 
+def group_lr(group: dict, lr: float, peak_lr: float, step: int, steps_per_epoch: int) -> float:
+    """The rate of one parameter group at ``step``: the schedule's ``lr``, unless the method's
+    ``param_groups()`` marked the group ``fixed_lr`` (the peak rate throughout, e.g. SimSiam's predictor)
+    or ``frozen_epochs: k`` (rate 0 for the first k epochs, e.g. DINO's last layer), times ``lr_scale``."""
+    if step < group.get("frozen_epochs", 0) * steps_per_epoch:
+        return 0.0
+    return (peak_lr if group.get("fixed_lr", False) else lr) * group.get("lr_scale", 1.0)
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
     """Linear warm-up to peak_lr, then cosine decay to 0 (SimCLR Sec. 2.2, BYOL Sec. 3.3)."""
     if step < warmup_steps:
@@ -506,7 +515,7 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
     """Forward, backward, optimizer and the method's hook. Returns the outputs (tensors, not read back)."""
     lr = lr_at(step, run.total_steps, run.warmup_steps, run.peak_lr)
     for g in run.optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = group_lr(g, lr, run.peak_lr, step, run.steps_per_epoch)
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.use_amp):
         outputs = run.ddp_model(batch)
     run.optimizer.zero_grad(set_to_none=True)

@@ -358,3 +358,12 @@ def test_build_model_tells_the_model_the_data_sets_normalisation():
     ds = data.load_digits()
     model = train.build_model(types.SimpleNamespace(MODEL=Recorder), None, "small_cnn", ds, 0)
     assert model.seen == (tuple(ds.mean), tuple(ds.std))
+
+
+def test_group_lr_follows_the_schedule_unless_the_group_says_otherwise():
+    lr, peak, spe = 0.01, 0.05, 10
+    assert train.group_lr({}, lr, peak, 3, spe) == lr
+    assert train.group_lr({"fixed_lr": True}, lr, peak, 3, spe) == peak  # SimSiam's predictor
+    assert train.group_lr({"lr_scale": 0.5}, lr, peak, 3, spe) == 0.5 * lr
+    frozen = {"frozen_epochs": 1}  # DINO's last layer: rate 0 for the first epoch's steps 0..9
+    assert [train.group_lr(frozen, lr, peak, s, spe) for s in (0, 9, 10)] == [0.0, 0.0, lr]
