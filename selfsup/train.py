@@ -294,6 +294,17 @@ def build_model(module, cfg, backbone_name: str, ds: data.DataSet, seed: int) ->
     return model
 
 
+def setup_model(model: nn.Module, rc: RunConfig, ds: data.DataSet) -> None:
+    """The method's ``setup`` hook; bad input it reports (e.g. a teacher checkpoint named in the Config)
+    becomes a one-line error naming the method."""
+    if not hasattr(model, "setup"):
+        return
+    try:
+        model.setup(len(ds.train), ds.num_classes)
+    except (ValueError, OSError) as e:
+        raise TrainingError(f"{Path(rc.method).stem}: {e}") from None
+
+
 def default_out(rc: RunConfig) -> Path:
     return Path("runs") / f"{Path(rc.method).stem}-{rc.data.split('/')[-1].split('.')[0]}-{rc.backbone}"
 
@@ -418,8 +429,7 @@ def build_run(rc: RunConfig) -> Run:
         print(ds.describe(), file=sys.stderr)
 
     model = build_model(module, cfg, rc.backbone, ds, rc.seed)
-    if hasattr(model, "setup"):
-        model.setup(len(ds.train), ds.num_classes)
+    setup_model(model, rc, ds)
     model.to(device)
     cuda = device.type == "cuda"
     channels_last = cuda and not rc.backbone.startswith("vit")
@@ -782,8 +792,7 @@ def evaluate_run(out: str | Path, device: str = "auto", method: str | None = Non
     module, ds, cfg = load_method_and_data(rc)
     dev = resolve_device(device, Dist())
     model = build_model(module, cfg, rc.backbone, ds, rc.seed)
-    if hasattr(model, "setup"):
-        model.setup(len(ds.train), ds.num_classes)
+    setup_model(model, rc, ds)
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     try:
         model.load_state_dict(state["model"])

@@ -367,3 +367,17 @@ def test_group_lr_follows_the_schedule_unless_the_group_says_otherwise():
     assert train.group_lr({"lr_scale": 0.5}, lr, peak, 3, spe) == 0.5 * lr
     frozen = {"frozen_epochs": 1}  # DINO's last layer: rate 0 for the first epoch's steps 0..9
     assert [train.group_lr(frozen, lr, peak, s, spe) for s in (0, 9, 10)] == [0.0, 0.0, lr]
+
+
+def test_bad_input_reported_by_setup_is_one_line(tmp_path):
+    method = tmp_path / "needs_file.py"
+    method.write_text(
+        (Path(__file__).resolve().parents[1] / "implementations" / "contrastive" / "simclr.py").read_text()
+        + "\n\ndef _setup(self, num_samples, num_classes):\n"
+        "    raise ValueError('teacher checkpoint /nowhere.pt: no such file')\n\n"
+        "SimCLR.setup = _setup\n"
+    )
+    rc = train.RunConfig(method=str(method), steps=1, batch_size=8, device="cpu", out=str(tmp_path / "run"),
+                         num_workers=0, progress=False)
+    with pytest.raises(train.TrainingError, match=r"^needs_file: teacher checkpoint /nowhere.pt: no such file$"):
+        train.train(rc)

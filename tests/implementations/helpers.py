@@ -34,7 +34,8 @@ def smoke_fit(module, cfg, steps: int = 30, lr: float | None = None, seed: int =
     model = tiny_model(module, cfg, seed)
     if hasattr(model, "setup"):
         model.setup(64, 10)
-    batch = train.prepare_batch(fixed_batch(module, cfg), torch.device("cpu"), False, False)
+    uses_labels = bool(getattr(cfg, "uses_labels", False))  # as the harness does: labels only for those that ask
+    batch = train.prepare_batch(fixed_batch(module, cfg), torch.device("cpu"), uses_labels, False)
     opt = train.build_optimizer(model, cfg, lr if lr is not None else cfg.base_lr * 32 / 256)
     losses = []
     for step in range(steps):
