@@ -79,6 +79,8 @@ class Case:
 
 CASES: dict[str, Case] = {
     "instdisc": Case(overrides={"nce_k": "8"}),  # 8 noise samples in a bank of 16
+    # LayerNorm'd 2048-d embeddings score ~+-45, where float32 summation order exceeds the tolerance
+    "dim": Case(overrides={"mi_units": "32"}),
 }
 
 

@@ -132,4 +132,5 @@ def test_shared_helpers_do_not_drift_between_copies():
         assert len(set(copies.values())) == 1, f"{name} differs between {sorted(copies)}"
 
 
-SHARED_HELPERS = {"gather_with_grad", "_GatherWithGrad", "ema_update", "ema_rate", "concat_all_gather"}
+SHARED_HELPERS = {"gather_with_grad", "_GatherWithGrad", "ema_update", "ema_rate", "concat_all_gather",
+                  "find_feature_maps", "forward_with_maps", "_reduces"}
