@@ -51,7 +51,10 @@ def run_benchmark(
     data_dir: str | None = None, backbone: str = "small_cnn", epochs: int | None = None,
     steps: int | None = None, batch_size: int | None = None, device: str = "auto",
     linear_epochs: int = 100, workers: int = 0, description: str = "", preset: str = "auto",
+    from_runs: list[str] | None = None,
 ) -> dict:
+    """Train each method (or, with ``from_runs``, record finished runs made with the same settings) and
+    merge its row into ``out_file``."""
     ids = _implemented(method_ids)
     # Rows of methods not re-run now are kept, so one method can be re-measured on its own.
     rows, previous = {}, {}
@@ -69,20 +72,72 @@ def run_benchmark(
         "command": _command_line(),
         "rows": [],
     }
-    runs_dir.mkdir(parents=True, exist_ok=True)  # a fresh directory per invocation: no earlier run is overwritten
-    batch_dir = Path(tempfile.mkdtemp(prefix=f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}-", dir=runs_dir))
-    for m in ids:
-        rc = train.RunConfig(
+    def config_for(m: str, out: str) -> train.RunConfig:
+        return train.RunConfig(
             method=m, data=data, data_dir=data_dir, backbone=backbone, epochs=epochs, steps=steps,
-            batch_size=batch_size, out=str(batch_dir / m), device=device, num_workers=workers,
+            batch_size=batch_size, out=out, device=device, num_workers=workers,
             linear_epochs=linear_epochs, progress=sys.stderr.isatty(), preset=preset,
         )
-        rows[m] = row(train.train(rc))
+
+    finished = {}
+    for run_dir in from_runs or []:
+        results = recorded_run(Path(run_dir), config_for)
+        finished[results["method"]] = results
+    if from_runs:
+        ids = [m for m in ids if m in finished] if method_ids is None else ids
+        missing = [m for m in ids if m not in finished]
+        if missing:
+            raise train.TrainingError(f"--from-runs has no run of {', '.join(missing)}")
+    else:
+        runs_dir.mkdir(parents=True, exist_ok=True)  # a fresh directory per invocation: no earlier run is overwritten
+        batch_dir = Path(tempfile.mkdtemp(prefix=f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}-", dir=runs_dir))
+    for m in ids:
+        rows[m] = row(finished[m] if m in finished else train.train(config_for(m, str(batch_dir / m))))
         print(f"{m}: k-NN {rows[m]['knn_top1']:.3f} vs random init {rows[m]['random_init_knn_top1']:.3f}", file=sys.stderr)
         record["rows"] = [rows[k] for k in sorted(rows)]
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(json.dumps(record, indent=2) + "\n")  # after every method: nothing is lost
     return record
+
+
+# What a run must share with the benchmark's own run for its results to stand in for it: everything that
+# changes what is trained or how it is evaluated (not where it ran or how its progress was shown).
+SAME_AS_BENCHMARK = ("method", "data", "data_dir", "backbone", "image_size", "epochs", "steps", "batch_size",
+                     "seed", "overrides", "preset", "augment", "evaluate", "knn_k", "knn_temperature",
+                     "linear_epochs", "amp")
+
+
+def recorded_run(run_dir: Path, config_for) -> dict:
+    """The results of a finished run in ``run_dir``, after checking that it was made with the benchmark's
+    settings and with the method file's current Config (a file edited since makes the run stale)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise train.TrainingError(f"{run_dir}: not a finished run ({e})") from None
+    method = results.get("method") or Path(str(saved.get("run", {}).get("method", ""))).stem
+    module, ds, cfg = train.load_method_and_data(config_for(method, str(run_dir)))
+    want = dataclasses.asdict(config_for(method, str(run_dir)).resolved(cfg, ds))
+    got = saved.get("run", {})
+    diff = [k for k in SAME_AS_BENCHMARK if k != "method" and got.get(k) != want[k]]
+    if Path(str(got.get("method"))).stem != method or diff:
+        detail = ", ".join(f"{k}={got.get(k)!r} (benchmark: {want[k]!r})" for k in diff) or "another method"
+        raise train.TrainingError(f"{run_dir}: not made with the benchmark's settings: {detail}")
+    current = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as config.json holds them
+    if saved.get("method_config") != current:
+        changed = sorted(k for k in current if saved.get("method_config", {}).get(k) != current[k])
+        raise train.TrainingError(f"{run_dir}: {method}'s Config has changed since the run ({', '.join(changed)})")
+    # the method file itself: its hash where the run recorded one, else it must not be newer than the run
+    path = Path(module.__file__)
+    if "method_file_sha256" in saved:
+        stale = saved["method_file_sha256"] != train.file_sha256(path)
+    else:
+        stale = path.stat().st_mtime > (run_dir / "config.json").stat().st_mtime
+    if stale:
+        raise train.TrainingError(f"{run_dir}: {path.name} has changed since the run")
+    if not results.get("trained"):
+        raise train.TrainingError(f"{run_dir}: the run was not evaluated")
+    return results
 
 
 def _implemented(method_ids: list[str] | None) -> list[str]:

@@ -329,7 +329,7 @@ def cmd_bench(args) -> int:
                 args.name, args.data, ids, out, Path(args.runs_dir), data_dir=args.data_dir, backbone=args.backbone,
                 epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, device=args.device,
                 linear_epochs=args.linear_epochs, workers=args.workers, description=args.description or "",
-                preset=args.preset or "auto",
+                preset=args.preset or "auto", from_runs=args.from_runs,
             )
             rows = [[r["method"], f"{100 * r['knn_top1']:.1f}%", f"{100 * r['random_init_knn_top1']:.1f}%",
                      f"{r['train_seconds']:.0f} s"] for r in record["rows"]]
@@ -399,6 +399,9 @@ def _add_train_commands(sub) -> None:
     s.add_argument("--description", help="one paragraph shown on the site")
     s.add_argument("--out", help="result file (default: benchmarks/results/NAME.json)")
     s.add_argument("--runs-dir", default="runs/bench", help="where the run directories go (default: runs/bench)")
+    s.add_argument("--from-runs", nargs="+", metavar="RUN_DIR",
+                   help="record these finished runs instead of training again; each must have been made with the "
+                   "benchmark's settings and the method's current Config")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("eval", help="evaluate a run directory's last checkpoint")

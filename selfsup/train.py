@@ -294,6 +294,12 @@ def build_model(module, cfg, backbone_name: str, ds: data.DataSet, seed: int) ->
     return model
 
 
+def file_sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def setup_model(model: nn.Module, rc: RunConfig, ds: data.DataSet) -> None:
     """The method's ``setup`` hook; bad input it reports (e.g. a teacher checkpoint named in the Config)
     becomes a one-line error naming the method."""
@@ -403,7 +409,7 @@ class Run:
         return {"run": {**asdict(self.rc), "out": str(self.out), "resume": False}, "method_config": asdict(self.cfg),
                 "dataset": self.ds.name, "image_size": self.ds.image_size, "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps, "peak_lr": self.peak_lr, "world_size": self.d.world,
-                "augment": self.plan.mode}
+                "augment": self.plan.mode, "method_file_sha256": file_sha256(self.module.__file__)}
 
 
 def load_method_and_data(rc: RunConfig):

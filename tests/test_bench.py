@@ -46,3 +46,29 @@ def test_overhead_benchmark_rows(tmp_path):
     # the ratio is of the unrounded times: equal to the ratio of the rounded ones up to their rounding
     assert abs(row["device_ratio"] - row["pure_step_s"] / row["train_step_device_s"]) < 0.01
     assert json.loads(out.read_text()) == record
+
+
+def test_from_runs_records_a_matching_run_and_refuses_others(tmp_path):
+    import shutil
+
+    import pytest
+
+    from selfsup import train
+
+    kw = dict(steps=2, batch_size=32, linear_epochs=0)
+    first = bench.run_benchmark("tiny", "digits", ["simclr"], tmp_path / "a.json", tmp_path / "runs", **kw)
+    (run_dir,) = (tmp_path / "runs").glob("tiny-*/simclr")
+    again = bench.run_benchmark("tiny", "digits", ["simclr"], tmp_path / "b.json", tmp_path / "runs", from_runs=[str(run_dir)], **kw)
+    assert again["rows"] == first["rows"]
+    with pytest.raises(train.TrainingError, match=r"not made with the benchmark's settings: steps=2 \(benchmark: 3\)"):
+        bench.run_benchmark("tiny", "digits", ["simclr"], tmp_path / "c.json", tmp_path / "runs",
+                            from_runs=[str(run_dir)], steps=3, batch_size=32, linear_epochs=0)
+    stale = tmp_path / "stale"
+    shutil.copytree(run_dir, stale)
+    config = json.loads((stale / "config.json").read_text())
+    config["method_file_sha256"] = "0" * 64  # as if simclr.py had been edited since
+    (stale / "config.json").write_text(json.dumps(config))
+    with pytest.raises(train.TrainingError, match="simclr.py has changed since the run"):
+        bench.run_benchmark("tiny", "digits", ["simclr"], tmp_path / "d.json", tmp_path / "runs", from_runs=[str(stale)], **kw)
+    with pytest.raises(train.TrainingError, match="not a finished run"):
+        bench.run_benchmark("tiny", "digits", ["simclr"], tmp_path / "e.json", tmp_path / "runs", from_runs=[str(tmp_path)], **kw)
