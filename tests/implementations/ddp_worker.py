@@ -81,6 +81,10 @@ CASES: dict[str, Case] = {
     "instdisc": Case(overrides={"nce_k": "8"}),  # 8 noise samples in a bank of 16
     # LayerNorm'd 2048-d embeddings score ~+-45, where float32 summation order exceeds the tolerance
     "dim": Case(overrides={"mi_units": "32"}),
+    # multi-crop: two global and two local views of another size, the last layer not frozen so that it is checked
+    "dino": Case(overrides={"out_dim": "16", "freeze_last_layer": "0"}, batch=lambda cfg, n: {
+        "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 4, 4))],
+        "index": torch.arange(n), "label": torch.full((n,), -1)}),
 }
 
 
