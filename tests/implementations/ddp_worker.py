@@ -78,6 +78,9 @@ class Case:
 
 
 CASES: dict[str, Case] = {
+    # its four views (the generic batch has two, which checks only the SimSiam case V = 2)
+    "fastsiam": Case(batch=lambda cfg, n: {**generic_batch(cfg, n), "views": [
+        torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1 + v)) for v in range(4)]}),
     "instdisc": Case(overrides={"nce_k": "8"}),  # 8 noise samples in a bank of 16
     # LayerNorm'd 2048-d embeddings score ~+-45, where float32 summation order exceeds the tolerance
     "dim": Case(overrides={"mi_units": "32"}),
