@@ -82,6 +82,8 @@ CASES: dict[str, Case] = {
     "fastsiam": Case(batch=lambda cfg, n: {**generic_batch(cfg, n), "views": [
         torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1 + v)) for v in range(4)]}),
     "instdisc": Case(overrides={"nce_k": "8"}),  # 8 noise samples in a bank of 16
+    "cmc": Case(overrides={"nce_k": "8"}),  # banks of 16: 8 negatives each
+    "pirl": Case(overrides={"num_negatives": "8"}),
     # LayerNorm'd 2048-d embeddings score ~+-45, where float32 summation order exceeds the tolerance
     "dim": Case(overrides={"mi_units": "32"}),
     # multi-crop: two global and two local views of another size, the last layer not frozen so that it is checked
