@@ -69,7 +69,8 @@ def run_benchmark(
         "dataset": dataset,
         "device": device_description(device),
         "date": datetime.date.today().isoformat(),
-        "command": _command_line(),
+        # recorded runs keep the command that reproduces them, not the bookkeeping invocation
+        "command": (previous.get("command") or f"selfsup bench {name}") if from_runs else _command_line(),
         "rows": [],
     }
     def config_for(m: str, out: str) -> train.RunConfig:

@@ -60,6 +60,7 @@ def test_from_runs_records_a_matching_run_and_refuses_others(tmp_path):
     (run_dir,) = (tmp_path / "runs").glob("tiny-*/simclr")
     again = bench.run_benchmark("tiny", "digits", ["simclr"], tmp_path / "b.json", tmp_path / "runs", from_runs=[str(run_dir)], **kw)
     assert again["rows"] == first["rows"]
+    assert again["command"] == "selfsup bench tiny"  # the command that reproduces the rows, not the bookkeeping one
     with pytest.raises(train.TrainingError, match=r"not made with the benchmark's settings: steps=2 \(benchmark: 3\)"):
         bench.run_benchmark("tiny", "digits", ["simclr"], tmp_path / "c.json", tmp_path / "runs",
                             from_runs=[str(run_dir)], steps=3, batch_size=32, linear_epochs=0)
