@@ -250,7 +250,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def draw_noise(n_local: int, k: int, num_samples: int, device: torch.device) -> torch.Tensor:
-    """(n_local, K) indices uniform on the bank (P_n = 1/n): this rank's rows of an (N_global, K) draw."""
+    """(n_local, k) indices uniform on the bank (P_n = 1/n): this rank's rows of an (N_global, k) draw."""
     world, rank = _world()
     idx = torch.randint(num_samples, (world * n_local, k), device=device)
     return idx[rank * n_local : (rank + 1) * n_local]
@@ -300,9 +300,9 @@ def estimate_z(scores: torch.Tensor, temperature: float, num_samples: int) -> to
 
 
 @torch.no_grad()
-def update_bank(bank: torch.Tensor, index: torch.Tensor, z: torch.Tensor, momentum: float) -> None:
-    """M[i] <- normalise(m M[i] + (1 - m) z_i) at the rows ``index`` (N,), in place; z: (N, D)."""
-    v = momentum * bank[index] + (1 - momentum) * z.to(bank.dtype)  # (N, D)
+def update_bank(bank: torch.Tensor, index: torch.Tensor, x: torch.Tensor, momentum: float) -> None:
+    """bank[i] <- normalise(m bank[i] + (1 - m) x_i) at the rows ``index`` (N,), in place; x: (N, D)."""
+    v = momentum * bank[index] + (1 - momentum) * x.to(bank.dtype)  # (N, D)
     bank.index_copy_(0, index, F.normalize(v, dim=1))
 
 

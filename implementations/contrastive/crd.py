@@ -282,10 +282,10 @@ def estimate_z(s: torch.Tensor, temperature: float, num_samples: int) -> torch.T
 
 
 @torch.no_grad()
-def update_memory(memory: torch.Tensor, index: torch.Tensor, f: torch.Tensor, momentum: float) -> None:
-    """v_i <- normalise(m v_i + (1 - m) f_i) at the rows ``index`` (N,), in place; f: (N, D)."""
-    v = momentum * memory[index] + (1 - momentum) * f.to(memory.dtype)  # (N, D)
-    memory.index_copy_(0, index, F.normalize(v, dim=1))
+def update_bank(bank: torch.Tensor, index: torch.Tensor, x: torch.Tensor, momentum: float) -> None:
+    """bank[i] <- normalise(m bank[i] + (1 - m) x_i) at the rows ``index`` (N,), in place; x: (N, D)."""
+    v = momentum * bank[index] + (1 - momentum) * x.to(bank.dtype)  # (N, D)
+    bank.index_copy_(0, index, F.normalize(v, dim=1))
 
 
 def random_memory(num_samples: int, dim: int, device) -> torch.Tensor:
@@ -471,8 +471,8 @@ class CRD(nn.Module):
                 out["kd"] = kd.detach()
         # after the scores, without gradient, from the global batch: every rank's memories stay the same
         index_all = concat_all_gather(index)
-        update_memory(self.student_memory, index_all, concat_all_gather(f_s.detach()), cfg.memory_momentum)
-        update_memory(self.teacher_memory, index_all, concat_all_gather(f_t.detach()), cfg.memory_momentum)
+        update_bank(self.student_memory, index_all, concat_all_gather(f_s.detach()), cfg.memory_momentum)
+        update_bank(self.teacher_memory, index_all, concat_all_gather(f_t.detach()), cfg.memory_momentum)
         self.memory_label.index_copy_(0, index_all, concat_all_gather(label))
         with torch.no_grad():
             out["pos_sim"] = (f_s * f_t).sum(dim=1).mean()  # cosine of g^S(S_i) and g^T(T_i)

@@ -158,10 +158,10 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def draw_noise(n_local: int, m: int, num_samples: int, device: torch.device) -> torch.Tensor:
-    """(n_local, m) indices uniform on the bank (P_n = 1/n): this rank's rows of an (N_global, m) draw."""
+def draw_noise(n_local: int, k: int, num_samples: int, device: torch.device) -> torch.Tensor:
+    """(n_local, k) indices uniform on the bank (P_n = 1/n): this rank's rows of an (N_global, k) draw."""
     world, rank = _world()
-    idx = torch.randint(num_samples, (world * n_local, m), device=device)
+    idx = torch.randint(num_samples, (world * n_local, k), device=device)
     return idx[rank * n_local : (rank + 1) * n_local]
 
 
@@ -205,9 +205,9 @@ def estimate_z(noise_sim: torch.Tensor, temperature: float, num_samples: int) ->
 
 
 @torch.no_grad()
-def update_bank(bank: torch.Tensor, index: torch.Tensor, f: torch.Tensor, momentum: float) -> None:
-    """v_i <- normalise(mu v_i + (1 - mu) f_i) at the rows ``index`` (N,), in place; f: (N, D)."""
-    v = momentum * bank[index] + (1 - momentum) * f.to(bank.dtype)  # (N, D)
+def update_bank(bank: torch.Tensor, index: torch.Tensor, x: torch.Tensor, momentum: float) -> None:
+    """bank[i] <- normalise(m bank[i] + (1 - m) x_i) at the rows ``index`` (N,), in place; x: (N, D)."""
+    v = momentum * bank[index] + (1 - momentum) * x.to(bank.dtype)  # (N, D)
     bank.index_copy_(0, index, F.normalize(v, dim=1))
 
 

@@ -310,9 +310,9 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_bank(bank: torch.Tensor, index: torch.Tensor, f: torch.Tensor, momentum: float) -> None:
-    """m_I <- normalise(mu m_I + (1 - mu) f(v_I)) at the rows ``index`` (N,), in place; f: (N, D)."""
-    v = momentum * bank[index] + (1 - momentum) * F.normalize(f.to(bank.dtype), dim=1)  # (N, D)
+def update_bank(bank: torch.Tensor, index: torch.Tensor, x: torch.Tensor, momentum: float) -> None:
+    """bank[i] <- normalise(m bank[i] + (1 - m) x_i) at the rows ``index`` (N,), in place; x: (N, D)."""
+    v = momentum * bank[index] + (1 - momentum) * x.to(bank.dtype)  # (N, D)
     bank.index_copy_(0, index, F.normalize(v, dim=1))
 
 
@@ -364,7 +364,8 @@ class PIRL(nn.Module):
             loss, term_g, term_f = pirl_loss(g, f, m_pos, m_neg, cfg.lambd, cfg.temperature, n, self.z,
                                              cfg.loss)
         # after the loss, without gradient, with the global batch so that every rank's bank stays the same
-        update_bank(self.bank, concat_all_gather(index), concat_all_gather(f.detach()), cfg.bank_momentum)
+        f_all = F.normalize(concat_all_gather(f.detach()), dim=1)  # m_I moves towards the unit f(v_I)
+        update_bank(self.bank, concat_all_gather(index), f_all, cfg.bank_momentum)
         with torch.no_grad():
             pos_f = F.cosine_similarity(f, m_pos).mean()  # f(v_I) against its own bank entry
             pos_g = F.cosine_similarity(g, m_pos).mean()

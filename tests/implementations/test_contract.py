@@ -132,5 +132,7 @@ def test_shared_helpers_do_not_drift_between_copies():
         assert len(set(copies.values())) == 1, f"{name} differs between {sorted(copies)}"
 
 
+# Helpers repeated across method files on purpose. Same-named functions left out of the set differ in what
+# they take (each memory-bank method's nce_loss and estimate_z score its own pairs), so they are not copies.
 SHARED_HELPERS = {"gather_with_grad", "_GatherWithGrad", "ema_update", "ema_rate", "concat_all_gather",
-                  "find_feature_maps", "forward_with_maps", "_reduces"}
+                  "find_feature_maps", "forward_with_maps", "_reduces", "_world", "update_bank", "draw_noise"}

@@ -135,7 +135,7 @@ def test_negatives_avoid_the_anchors_class_once_its_labels_are_known():
 def test_update_memory_function():
     memory = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
     f = torch.tensor([[0.0, 1.0]])
-    crd.update_memory(memory, torch.tensor([0]), f, momentum=0.25)  # 0.25 (1, 0) + 0.75 (0, 1), normalised
+    crd.update_bank(memory, torch.tensor([0]), f, momentum=0.25)  # 0.25 (1, 0) + 0.75 (0, 1), normalised
     torch.testing.assert_close(memory[0], torch.tensor([0.25, 0.75]) / math.hypot(0.25, 0.75))
     torch.testing.assert_close(memory[1:], F.normalize(torch.tensor([[0.0, 1.0], [1.0, 1.0]]), dim=1))
 

