@@ -90,6 +90,9 @@ CASES: dict[str, Case] = {
     "dino": Case(overrides={"out_dim": "16", "freeze_last_layer": "0"}, batch=lambda cfg, n: {
         "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 4, 4))],
         "index": torch.arange(n), "label": torch.full((n,), -1)}),
+    # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
+    # embeddings, two sub-batches of 4 images drawn across both ranks, two random splits
+    "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}),
 }
 
 
