@@ -93,6 +93,8 @@ CASES: dict[str, Case] = {
     # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
     # embeddings, two sub-batches of 4 images drawn across both ranks, two random splits
     "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}),
+    # a bank of 16 that the global batch of 8 half fills, so that batch mates are among the 2 neighbours
+    "mean-shift": Case(overrides={"bank_size": "16", "topk": "2"}),
 }
 
 
