@@ -522,6 +522,18 @@ def _code(value: Any) -> str:
     return f"{ticks} {text} {ticks}"
 
 
+def _command(value: Any) -> str:
+    """A recorded command as inline code, with paths outside the repository reduced to
+    ``path/to/<file name>``: where the data lay on the machine that ran it differs on a reader's."""
+    parts = []
+    for arg in str(value).split():
+        name, eq, path = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if path.startswith(("/", "../", "~")):
+            path = "path/to/" + path.rstrip("/").rsplit("/", 1)[-1]
+        parts.append(f"{name}{eq}{path}")
+    return _code(" ".join(parts))
+
+
 def _link(url: str) -> str:
     """An http(s) URL as a Markdown link target, percent-encoding what could end the target (parentheses,
     spaces, quotes). The catalog allows only http(s) URLs; anything else here is a bug, and stops the build.
@@ -573,6 +585,7 @@ def template_env(templates: Path) -> jinja2.Environment:
     env.filters.update(
         cell=_cell,
         code=_code,
+        command=_command,
         link=_link,
         math=_math,
         md=_md_text,

@@ -121,7 +121,7 @@ class Config:
 
 # Small-scale preset for short CPU runs (the embedded digits: 330 steps at batch 64; CIFAR-10: one epoch at
 # batch 128, as the knn-cifar10-short benchmark; figures from `selfsup train cmc --data
-# ../shared/data/cifar10-jpeg.tar.gz --epochs 1 --batch-size 128 --preset small --set ...`, random init of
+# cifar10-jpeg.tar.gz --epochs 1 --batch-size 128 --preset small --set ...`, random init of
 # the same two encoders: k-NN 40.0%, linear 56.5%):
 # - loss "batch": a bank entry is written once per epoch, so in a one-epoch run every positive M[i] is still
 #   its random initial vector when it is scored and the bank losses learn no correspondence between L and

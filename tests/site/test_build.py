@@ -145,6 +145,19 @@ def test_no_broken_internal_links(built_site):
     assert not broken, f"{len(broken)} broken link(s):\n" + "\n".join(broken[:50])
 
 
+# Wording for the people who keep the catalog, not for its readers: where an entry's facts came from in
+# the project's own sources, and where the machine that ran a benchmark kept its data.
+MAINTAINER_WORDING = re.compile(r"reading notes|\.\./shared|shared/data|other jobs", re.I)
+
+
+def test_no_maintainer_wording_is_published(built_site):
+    found = []
+    for page in sorted(built_site.out.rglob("*.html")):
+        text = html.unescape(re.sub(r"<[^>]+>", " ", page.read_text(encoding="utf-8")))
+        found += [f"{page.relative_to(built_site.out)}: {m.group(0)!r}" for m in MAINTAINER_WORDING.finditer(text)]
+    assert not found, f"{len(found)} places, e.g. " + "; ".join(found[:5])
+
+
 def test_no_cdn(built_site):
     """Everything the pages load comes from the site itself (no fonts, scripts or styles from a CDN)."""
     offsite = set()

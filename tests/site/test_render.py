@@ -217,3 +217,9 @@ def test_links_are_http_only_and_encoded():
 
 def test_math_cannot_end_its_block():
     assert site._math("a\n\n  \nb $ c \\$") == "a\nb \\$ c \\$"
+
+
+def test_recorded_commands_show_outside_paths_by_file_name():
+    cmd = "selfsup bench overhead --data ../shared/data/cifar10-jpeg.tar.gz --out=/tmp/x/ --runs-dir runs/a"
+    assert site._command(cmd) == (
+        "` selfsup bench overhead --data path/to/cifar10-jpeg.tar.gz --out=path/to/x --runs-dir runs/a `")
