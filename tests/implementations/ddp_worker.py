@@ -90,6 +90,13 @@ CASES: dict[str, Case] = {
     "dino": Case(overrides={"out_dim": "16", "freeze_last_layer": "0"}, batch=lambda cfg, n: {
         "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 4, 4))],
         "index": torch.arange(n), "label": torch.full((n,), -1)}),
+    # SMoG: two sets of two global crops and one local crop each (4 + 2M views); 4 groups in a batch of 8, beta
+    # 0.5 so that the momentum grouping moves them, and a re-grouping (k-means on the memory, target reset) at
+    # the step's end: 8 samples are half of setup's 16
+    "smog": Case(overrides={"num_groups": "4", "n_local_crops": "1", "group_momentum": "0.5", "regroup_epochs": "0.5"},
+                 batch=lambda cfg, n: {
+        "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 8, 8, 4, 4))],
+        "index": torch.arange(n), "label": torch.full((n,), -1)}),
     # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
     # embeddings, two sub-batches of 4 images drawn across both ranks, two random splits
     "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}),
