@@ -540,7 +540,9 @@ def train_step(run: Run, batch: dict, step: int) -> dict:
     run.scaler.update()
     if hasattr(run.model, "on_step_end"):
         run.model.on_step_end(step + 1, run.total_steps)
-    return {**outputs, "lr": lr}
+    # the rate the first group (the backbone's, in every method's param_groups) was given, not the schedule's:
+    # they differ where a method fixes, freezes or scales it
+    return {**outputs, "lr": run.optimizer.param_groups[0]["lr"]}
 
 
 class RunLog:

@@ -381,3 +381,13 @@ def test_bad_input_reported_by_setup_is_one_line(tmp_path):
                          num_workers=0, progress=False)
     with pytest.raises(train.TrainingError, match=r"^needs_file: teacher checkpoint /nowhere.pt: no such file$"):
         train.train(rc)
+
+
+def test_logged_rate_is_the_one_the_backbone_was_given(tmp_path):
+    """DirectPred keeps its rate constant (a ``fixed_lr`` group): the log shows the peak rate at every step,
+    not the warm-up and cosine the schedule computes for other methods."""
+    overrides = {"proj_hidden_dim": "32", "proj_dim": "16", "warmup_epochs": "0"}
+    train.train(train.RunConfig(out=str(tmp_path / "run"), **{**TINY, "method": "tian-2021-understanding",
+                                                               "overrides": overrides}))
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rates) == 8 and len(set(rates)) == 1 and rates[0] > 0
