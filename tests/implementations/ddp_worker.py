@@ -100,8 +100,12 @@ CASES: dict[str, Case] = {
     # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
     # embeddings, two sub-batches of 4 images drawn across both ranks, two random splits
     "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}),
+    # CCA whitens proj_dim-d outputs with covariances of the global batch of 8: 3-d outputs keep them full rank
+    # and well-conditioned (8-d ones would be rank 7, whitened only by the ridge)
+    "deep-cca": Case(overrides={"proj_dim": "3"}),
     # a bank of 16 that the global batch of 8 half fills, so that batch mates are among the 2 neighbours
     "mean-shift": Case(overrides={"bank_size": "16", "topk": "2"}),
+    "vibcreg": Case(overrides={"iternorm_groups": "2"}, batch=lambda cfg, n: generic_batch(cfg, 4 * n)),
 }
 
 
