@@ -100,6 +100,9 @@ CASES: dict[str, Case] = {
     # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
     # embeddings, two sub-batches of 4 images drawn across both ranks, two random splits
     "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}),
+    # Zero-CL whitens 8-d outputs of 8 images: both second moments are rank 7 after standardisation, and at the
+    # paper's eps 0.01 the null direction amplifies float32 noise 10x; eps 0.1 keeps it within the tolerance
+    "zero-cl": Case(overrides={"whiten_eps": "0.1"}),
     # CCA whitens proj_dim-d outputs with covariances of the global batch of 8: 3-d outputs keep them full rank
     # and well-conditioned (8-d ones would be rank 7, whitened only by the ridge)
     "deep-cca": Case(overrides={"proj_dim": "3"}),
