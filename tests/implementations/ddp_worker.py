@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from selfsup import catalog, methods
+from selfsup import backbones, catalog, methods
 
 N = 8  # images in the global batch (split evenly across ranks)
 NUM_SAMPLES, NUM_CLASSES = 16, 2  # what setup() is told about the "data set"
@@ -90,6 +90,14 @@ CASES: dict[str, Case] = {
     "dino": Case(overrides={"out_dim": "16", "freeze_last_layer": "0"}, batch=lambda cfg, n: {
         "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 4, 4))],
         "index": torch.arange(n), "label": torch.full((n,), -1)}),
+    # patch tokens (masks, the iBOT term) need a ViT: 16-px global views (a 4x4 grid of 4-px patches, 8 of the
+    # 16 global crops masked) and 8-px local views (resized position embeddings); small heads
+    "dinov2": Case(
+        overrides={"out_dim": "16", "ibot_out_dim": "16", "ibot_proj_hidden_dim": "16", "ibot_proj_dim": "8"},
+        backbone=lambda: backbones.ViT(backbones.ViTConfig(image_size=16, patch_size=4, dim=16, depth=1, heads=2)),
+        batch=lambda cfg, n: {
+            "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((16, 16, 8, 8))],
+            "index": torch.arange(n), "label": torch.full((n,), -1)}),
     # SMoG: two sets of two global crops and one local crop each (4 + 2M views); 4 groups in a batch of 8, beta
     # 0.5 so that the momentum grouping moves them, and a re-grouping (k-means on the memory, target reset) at
     # the step's end: 8 samples are half of setup's 16
