@@ -98,6 +98,12 @@ CASES: dict[str, Case] = {
         batch=lambda cfg, n: {
             "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((16, 16, 8, 8))],
             "index": torch.arange(n), "label": torch.full((n,), -1)}),
+    # a ViT, since MSN masks patch tokens: the target view and the masked anchor at 8 px (4 patches, 3 kept),
+    # then two 4-px focal crops (one patch, resized position embeddings); 16 prototypes
+    "msn": Case(overrides={"num_prototypes": "16"}, backbone=lambda: backbones.ViT(
+        backbones.ViTConfig(image_size=8, patch_size=4, dim=16, depth=1, heads=2)), batch=lambda cfg, n: {
+        "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 4, 4))],
+        "index": torch.arange(n), "label": torch.full((n,), -1)}),
     # SMoG: two sets of two global crops and one local crop each (4 + 2M views); 4 groups in a batch of 8, beta
     # 0.5 so that the momentum grouping moves them, and a re-grouping (k-means on the memory, target reset) at
     # the step's end: 8 samples are half of setup's 16
