@@ -288,7 +288,10 @@ def build_model(module, cfg, backbone_name: str, ds: data.DataSet, seed: int) ->
     mean and std (a method that converts colour spaces must undo the normalisation first)."""
     seed_everything(seed)  # same initial weights for the run and its random-init baseline
     backbone = backbones.build_backbone(backbone_name, ds.image_size)
-    model = module.MODEL(backbone, backbone.feature_dim, cfg)
+    try:
+        model = module.MODEL(backbone, backbone.feature_dim, cfg)
+    except ValueError as e:  # what the method refuses at construction, e.g. a backbone without patch tokens
+        raise TrainingError(f"{Path(getattr(module, '__file__', 'method')).stem}: {e}") from None
     if hasattr(model, "set_normalization"):
         model.set_normalization(tuple(ds.mean), tuple(ds.std))
     return model

@@ -181,6 +181,7 @@ def cli(*args):
         (["train", "simclr", "--epochs", "1", "--steps", "2"], "give --epochs or --steps, not both"),
         (["train", "simclr", "--resume"], "--resume needs --out RUN_DIR"),
         (["train", "simclr", "--data", "nosuchset"], "unknown data set 'nosuchset'"),
+        (["train", "msn", "--steps", "1"], "msn: MSN masks patch tokens and needs a ViT backbone"),
         (["train", "simclr", "--device", "cuda"], None),
         (["eval", "/nonexistent/run"], "is not a run directory"),
     ],
