@@ -210,6 +210,18 @@ def display_name(entry: cat.Entry) -> str:
     return getattr(entry, "name", None) or entry.id
 
 
+def _heading(entry: cat.Entry) -> str:
+    """The paper's title, led by the method's name when the title does not contain it.
+
+    Readers search by method name ("simclr"), which few titles contain; the search index ranks
+    title words highest.
+    """
+    name = getattr(entry, "name", None)
+    if name and name.lower() not in entry.title.lower():
+        return f"{name}: {entry.title}"
+    return entry.title
+
+
 def page_url(src: str, use_directory_urls: bool = True) -> str:
     """The URL mkdocs gives a page, relative to the site root (``papers/simclr.md`` -> ``papers/simclr/``)."""
     stem = src[: -len(".md")]
@@ -258,6 +270,7 @@ class EntryView:
     measured: list[tuple[Measured, MeasuredRow]]
     bibtex: str
     search_text: str
+    heading: str  # the page title: the method's name leads when the paper's title lacks it
 
 
 @dataclass
@@ -385,7 +398,8 @@ def build_model(
                 results=[(r, benchmarks[r.benchmark]) for r in e.results],
                 measured=measured_by_method.get(e.id, []),
                 bibtex=cat.bibtex(e),
-                search_text=" ".join([e.id, e.title, " ".join(e.authors), " ".join(e.tags)]).lower(),
+                search_text=" ".join([e.id, e.name or "", e.title, " ".join(e.authors), " ".join(e.tags)]).lower(),
+                heading=_heading(e),
             )
         )
     by_id = {v.entry.id: v for v in views}
