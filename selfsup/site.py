@@ -218,7 +218,7 @@ def _heading(entry: cat.Entry) -> str:
     """
     name = getattr(entry, "name", None)
     if name and name.lower() not in entry.title.lower():
-        return f"{name}: {entry.title}"
+        return f"{name} — {entry.title}"
     return entry.title
 
 
