@@ -124,6 +124,11 @@ class Entry(BaseModel):
     implementation: str | None = Field(
         default=None, pattern=r"^implementations/[a-z_]+/[a-z0-9_]+\.py$"
     )
+    preset: str | None = Field(
+        default=None, pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="When this entry shares its implementation file with the entry the file is written for "
+        "(MoCo v1 in the MoCo v2 file): the file's preset that gives this paper's setting.",
+    )
     notes: list[str] = Field(default_factory=list)
 
     @field_validator("authors")
@@ -541,6 +546,8 @@ def check_entry(entry: Entry, display: str, tax: Taxonomy, root: Path) -> list[P
             bad("implementation", f"file {entry.implementation} does not exist")
         elif entry.family and path.parent.name != entry.family:
             bad("implementation", f"{entry.implementation} is not under implementations/{entry.family}/")
+    if entry.preset is not None and entry.implementation is None:
+        bad("preset", "a preset names a setting of an implementation file; set implementation too")
     if entry.id in entry.builds_on:
         bad("builds_on", "an entry cannot build on itself")
     return out
@@ -591,6 +598,17 @@ def load_catalog(root: Path = ROOT, catalog_dir: Path | None = None) -> Catalog:
                 problems.append(
                     Problem(where[entry.id], f"builds_on[{i}]", f"no catalog entry {_short(dep)}{hint}")
                 )
+    by_file: dict[str, list[Entry]] = {}
+    for entry in entries.values():
+        if entry.implementation:
+            by_file.setdefault(entry.implementation, []).append(entry)
+    for file, linked in by_file.items():
+        owners = [e.id for e in linked if e.preset is None]
+        if len(owners) != 1:
+            for e in linked:
+                what = f"entries {', '.join(owners)} all link" if owners else "no entry links"
+                problems.append(Problem(where[e.id], "implementation", (
+                    f"{what} {file} without a preset: one entry owns a file, the others name its preset")))
     for cycle in builds_on_cycles(entries):
         first, second = cycle[0], cycle[1]
         i = entries[first].builds_on.index(second)

@@ -161,7 +161,8 @@ def cmd_show(args) -> int:
         for n in e.notes:
             print(wrap("- " + n))
     if e.implementation:
-        print(f"\nimplementation: {e.implementation}\nrun it: selfsup train {e.id}")
+        preset = f" (its preset {e.preset})" if e.preset else ""
+        print(f"\nimplementation: {e.implementation}{preset}\nrun it: selfsup train {e.id}")
     print(f"\n{cat.bibtex(e)}")
     return 0
 

@@ -72,8 +72,20 @@ class MethodError(Exception):
     """A method that cannot be found or configured."""
 
 
-def implemented_methods(catalog: Catalog) -> dict[str, Path]:
-    return {e.id: catalog.root / e.implementation for e in catalog.sorted() if e.implementation}
+def implemented_methods(catalog: Catalog, variants: bool = True) -> dict[str, Path]:
+    """Catalog id -> method file, for every entry with an implementation; ``variants=False`` leaves out the
+    entries that run another entry's file with a ``preset`` (one id per file)."""
+    return {e.id: catalog.root / e.implementation for e in catalog.sorted()
+            if e.implementation and (variants or e.preset is None)}
+
+
+def entry_preset(method: str, root: Path = ROOT) -> str | None:
+    """The file preset a catalog id stands for (``moco`` -> ``v1`` of the MoCo v2 file); None for a path or
+    for the entry a file is written for."""
+    if Path(method).suffix == ".py":
+        return None
+    entry = load_catalog(root).entries.get(method)
+    return entry.preset if entry else None
 
 
 def load_method_module(method: str, root: Path = ROOT) -> types.ModuleType:
@@ -132,14 +144,22 @@ def _coerce(name: str, raw: str, annotation) -> object:
     return raw
 
 
-def make_config(module: types.ModuleType, overrides: dict[str, str] | None = None, preset: str | None = None):
-    """The method's Config: the paper's defaults, then the named preset from the file's ``PRESETS``
-    (if it defines one of that name), then ``name=value`` overrides coerced to the field types."""
+def make_config(
+    module: types.ModuleType, overrides: dict[str, str] | None = None, preset: str | None = None,
+    base: str | None = None,
+):
+    """The method's Config: the paper's defaults, then the ``base`` preset (the setting of a catalog entry
+    that shares the file, e.g. MoCo v1's ``v1``), then the named preset from the file's ``PRESETS`` (if it
+    defines one of that name; ``small`` sizes a run for the CPU), then ``name=value`` overrides coerced to
+    the field types."""
     cfg = module.Config()
-    if preset and preset != "paper":
-        presets = getattr(module, "PRESETS", {})
-        if preset in presets:
-            cfg = dataclasses.replace(cfg, **presets[preset])
+    presets = getattr(module, "PRESETS", {})
+    if base is not None:
+        if base not in presets:
+            raise MethodError(f"{Path(module.__file__).name} has no preset {base!r}; it defines {', '.join(presets) or 'none'}")
+        cfg = dataclasses.replace(cfg, **presets[base])
+    if preset and preset != "paper" and preset != base and preset in presets:
+        cfg = dataclasses.replace(cfg, **presets[preset])
     if not overrides:
         return cfg
     fields = {f.name: f for f in dataclasses.fields(cfg)}

@@ -422,7 +422,12 @@ def load_method_and_data(rc: RunConfig):
     known = ["paper", "auto", *getattr(module, "PRESETS", {})]
     if rc.preset not in known:
         raise TrainingError(f"--preset {rc.preset!r}: {Path(rc.method).stem} has no such preset; choose from {', '.join(known)}")
-    return module, ds, methods.make_config(module, rc.overrides, rc.resolved_preset(ds))  # auto: small if the file has it
+    base = methods.entry_preset(rc.method)  # `selfsup train moco`: MoCo v1, the v1 preset of the MoCo v2 file
+    try:  # auto: small if the file has it, on top of the entry's preset
+        cfg = methods.make_config(module, rc.overrides, rc.resolved_preset(ds), base)
+    except methods.MethodError as e:
+        raise TrainingError(f"{rc.method}: {e}") from None
+    return module, ds, cfg
 
 
 def build_run(rc: RunConfig) -> Run:

@@ -311,3 +311,19 @@ def test_taxonomy_ids_must_be_slugs(tmp_path, bad_id):
     families.write_text(text.replace("id: memory_bank", f"id: {json.dumps(bad_id)}", 1))
     with pytest.raises(cat.CatalogError, match=r"families\[0\]\.subfamilies\[0\]\.id: .* is not a lowercase slug"):
         cat.load_taxonomy(tmp_path)
+
+
+def test_an_entry_that_shares_a_file_names_its_preset(tmp_path):
+    simclr = "implementations/contrastive/simclr.py"
+    write_entry(tmp_path, "a", implementation=simclr)
+    write_entry(tmp_path, "b", implementation=simclr, preset="small")
+    assert problems_in(tmp_path) == []
+    write_entry(tmp_path, "c", implementation=simclr)
+    owners = f"entries a, c all link {simclr} without a preset: one entry owns a file, the others name its preset"
+    assert problems_in(tmp_path) == [f"{tmp_path}/{i}.yaml: implementation: {owners}" for i in "abc"]
+
+
+def test_a_preset_needs_an_implementation(tmp_path):
+    write_entry(tmp_path, "a", preset="small")
+    assert problems_in(tmp_path) == [
+        f"{tmp_path}/a.yaml: preset: a preset names a setting of an implementation file; set implementation too"]

@@ -392,3 +392,14 @@ def test_logged_rate_is_the_one_the_backbone_was_given(tmp_path):
                                                                "overrides": overrides}))
     rates = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rates) == 8 and len(set(rates)) == 1 and rates[0] > 0
+
+
+def test_an_entry_that_names_a_preset_trains_with_it_under_the_cpu_preset():
+    """`selfsup train moco` is MoCo v1: the v1 preset of the MoCo v2 file, then digits' small preset."""
+    module, _, v1 = train.load_method_and_data(train.RunConfig(method="moco"))
+    _, _, v2 = train.load_method_and_data(train.RunConfig(method="moco-v2"))
+    small, first = module.PRESETS["small"], module.PRESETS["v1"]
+    assert all(getattr(v1, k) == v for k, v in {**first, **small}.items())
+    assert all(getattr(v2, k) == v for k, v in small.items()) and v2.mlp and not v1.mlp
+    paper = train.load_method_and_data(train.RunConfig(method="moco", preset="paper"))[2]
+    assert paper == module.Config(**first)

@@ -105,19 +105,21 @@ def test_view_recipe_translates_or_says_why(path):
     assert plan.mode == "device" or (plan.notice and "has no batched counterpart" in plan.notice)
 
 
-def test_every_file_has_exactly_one_catalog_entry_that_matches():
+def test_every_file_has_exactly_one_owning_catalog_entry_and_variants_name_its_presets():
     catalog = cat.load_catalog(ROOT)
-    by_file = {}
+    by_file, variants = {}, {}
     for e in catalog:
         if e.implementation:
-            by_file.setdefault(e.implementation, []).append(e.id)
+            (variants if e.preset else by_file).setdefault(e.implementation, []).append(e)
     for path in FILES:
         rel = str(path.relative_to(ROOT))
-        assert len(by_file.get(rel, [])) == 1, f"{rel}: catalog entries {by_file.get(rel)}"
-        (entry_id,) = by_file[rel]
-        doc = methods.load_method_module(str(path)).__doc__
-        assert f"Catalog id: ``{entry_id}``" in doc
-        assert path.parent.name == catalog.get(entry_id).family
+        owners = [e.id for e in by_file.get(rel, [])]
+        assert len(owners) == 1, f"{rel}: catalog entries without a preset {owners}"
+        module = methods.load_method_module(str(path))
+        assert f"Catalog id: ``{owners[0]}``" in module.__doc__
+        assert path.parent.name == catalog.get(owners[0]).family
+        for e in variants.get(rel, []):  # entries run as one of the file's presets (MoCo v1 in moco.py)
+            assert e.preset in getattr(module, "PRESETS", {}), f"{e.id}: {rel} has no preset {e.preset!r}"
 
 
 def test_shared_helpers_do_not_drift_between_copies():
