@@ -24,6 +24,7 @@ import posixpath
 import re
 import subprocess
 import sys
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfsup import catalog as cat
+from selfsup import site_search, site_tables
 
 # Modules documented on the API page, in this order. Adding a module is a one-line change here;
 # modules that do not exist (yet) in the repository are skipped.
@@ -206,20 +208,30 @@ def family_page(family_id: str) -> str:
 
 
 def display_name(entry: cat.Entry) -> str:
-    """Short name of an entry: its ``name`` field when the model has one, else its id."""
-    return getattr(entry, "name", None) or entry.id
+    """Short name of an entry: its ``name`` field, else "First-author et al. year" as papers are cited
+    (the catalog id is a slug for URLs, not a name to read)."""
+    name = getattr(entry, "name", None)
+    if name:
+        return name
+    if not entry.authors:
+        return entry.id
+    surname = entry.authors[0].split()[-1]
+    more = len(entry.authors) > 1 or (entry.author_count or 1) > 1
+    return f"{surname}{' et al.' if more else ''} {entry.year}"
 
 
 def _heading(entry: cat.Entry) -> str:
-    """The paper's title, led by the method's name when the title does not contain it.
+    """The paper's title as plain text, led by the method's name when the title does not contain it.
 
     Readers search by method name ("simclr"), which few titles contain; the search index ranks
-    title words highest.
+    title words highest. Plain text: <title> and the search index cannot render math.
     """
+    title = site_search.plain_text(entry.title)
     name = getattr(entry, "name", None)
-    if name and name.lower() not in entry.title.lower():
-        return f"{name} — {entry.title}"
-    return entry.title
+    # NFKC folds "AstroM³" to "AstroM3", the name as written
+    if name and name.lower() not in unicodedata.normalize("NFKC", title).lower():
+        return f"{name} — {title}"
+    return title
 
 
 def page_url(src: str, use_directory_urls: bool = True) -> str:
@@ -263,6 +275,7 @@ class EntryView:
     modalities: list[dict[str, Any]]
     kind: dict[str, Any]
     authors: str
+    short_authors: str  # "First Author et al.", for dense tables
     builds_on: list[cat.Entry]
     built_upon_by: list[cat.Entry]
     properties: list[PropertyValue]
@@ -271,6 +284,10 @@ class EntryView:
     bibtex: str
     search_text: str
     heading: str  # the page title: the method's name leads when the paper's title lacks it
+    title_text: str  # the paper's title as plain text (no math)
+    keywords: list[str]  # front-matter tags: what the search weights above the body
+    search_boost: float
+    facets: dict[str, str]  # property id -> the value the matrix filters match (site_tables.facet)
 
 
 @dataclass
@@ -327,6 +344,8 @@ class SiteModel:
     api_modules: list[str]
     kind_counts: dict[str, int]
     modality_counts: dict[str, int]
+    property_columns: list[site_tables.PropertyColumn] = field(default_factory=list)
+    methods: list[EntryView] = field(default_factory=list)  # kind == method, by family then year
     use_directory_urls: bool = True
     family_by_id: dict[str, FamilyView] = field(default_factory=dict)
 
@@ -345,6 +364,13 @@ def _authors(entry: cat.Entry) -> str:
         more = entry.author_count - len(entry.authors)
         text = f"{text} and {more} more" if text else f"{entry.author_count} authors"
     return text
+
+
+def _short_authors(entry: cat.Entry) -> str:
+    if not entry.authors:
+        return f"{entry.author_count} authors" if entry.author_count else "–"
+    more = len(entry.authors) > 1 or (entry.author_count or 1) > 1
+    return entry.authors[0] + (" et al." if more else "")
 
 
 def module_exists(root: Path, module: str) -> bool:
@@ -370,6 +396,7 @@ def build_model(
         for row in m.data.rows:
             measured_by_method[row.method].append((m, row))
 
+    columns = site_tables.property_columns(tax.properties)
     views: list[EntryView] = []
     for e in catalog.sorted():
         family = fam_by_id.get(e.family) if e.family else None
@@ -392,14 +419,21 @@ def build_model(
                 modalities=[mods[m] for m in e.modalities],
                 kind=kinds[e.kind],
                 authors=_authors(e),
+                short_authors=_short_authors(e),
                 builds_on=[catalog.entries[i] for i in e.builds_on],
                 built_upon_by=catalog.built_upon_by(e.id),
                 properties=props,
                 results=[(r, benchmarks[r.benchmark]) for r in e.results],
                 measured=measured_by_method.get(e.id, []),
                 bibtex=cat.bibtex(e),
-                search_text=" ".join([e.id, e.name or "", e.title, " ".join(e.authors), " ".join(e.tags)]).lower(),
+                search_text=" ".join(
+                    [e.id, e.name or "", site_search.plain_text(e.title), *e.authors, *e.tags]
+                ).lower(),
                 heading=_heading(e),
+                title_text=site_search.plain_text(e.title),
+                keywords=site_search.keywords(e, display_name(e)),
+                search_boost=site_search.search_boost(e, len(catalog.built_upon_by(e.id))),
+                facets=site_tables.facets(e, columns),
             )
         )
     by_id = {v.entry.id: v for v in views}
@@ -496,6 +530,8 @@ def build_model(
         api_modules=[m for m in API_MODULES if module_exists(code_root, m)],
         kind_counts={k["id"]: sum(v.entry.kind == k["id"] for v in views) for k in tax.kinds},
         modality_counts={m["id"]: sum(m["id"] in v.entry.modalities for v in views) for m in tax.modalities},
+        property_columns=columns,
+        methods=[v for f in families for v in f.methods] + [v for v in methods if v.entry.family is None],
         use_directory_urls=use_directory_urls,
     )
     model.family_by_id = {f.family["id"]: f for f in families}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,6 +30,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TIMEOUT_MS = 20_000
+ROW_HEIGHT_PX = 45  # the paper index, per paper (was about 70 before it became compact)
 
 # CI sets SELFSUP_REQUIRE_BROWSER=1: there a missing browser is a failure, not a skip.
 REQUIRED = os.environ.get("SELFSUP_REQUIRE_BROWSER", "") not in {"", "0"}
@@ -143,6 +145,51 @@ def test_search_finds_entries(page, built_site, artifacts, entry_id, query):
     wanted = f"/papers/{entry_id}/"
     assert any(urlsplit(h).path.endswith(wanted) for h in hrefs[:10]), f"{query!r}: {hrefs[:10]}"
     page.tab.screenshot(path=str(artifacts / f"search-{entry_id}.png"))
+    page.assert_clean()
+
+
+def _result_pages(page: Page, query: str) -> list[str]:
+    """The pages a search returns, best first (a result groups a page with its sections), as site paths."""
+    tab = page.tab
+    tab.click("input.md-search__input")
+    tab.fill("input.md-search__input", "")
+    tab.keyboard.type(query, delay=15)
+    tab.wait_for_selector(".md-search-result__item", timeout=TIMEOUT_MS)
+    tab.wait_for_timeout(600)  # the results of the last keystroke
+    hrefs = tab.eval_on_selector_all(
+        ".md-search-result__item", "els => els.map(li => li.querySelector('a').href)"
+    )
+    base = urlsplit(page.base_url).path
+    return [urlsplit(h).path[len(base) :] for h in hrefs]
+
+
+@pytest.mark.parametrize(
+    "query, wanted, mechanism",
+    [
+        ("swav", {"swav"}, False),  # a method name the paper's title lacks
+        ("MoCo", {"moco"}, False),
+        ("masked image modelling", {"mae", "simmim", "beit"}, True),  # British spelling, a synonym
+        ("MIM", {"mae", "simmim", "beit"}, True),
+        ("self-distillation", {"dino", "byol", "ibot", "dinov2"}, True),
+        ("negative-free", {"byol", "simsiam", "barlow-twins", "vicreg", "dino"}, True),
+    ],
+)
+def test_search_puts_the_method_page_in_the_top_three(page, built_site, artifacts, query, wanted, mechanism):
+    present = {i for i in wanted if i in built_site.catalog.entries}
+    if not present:
+        pytest.skip(f"none of {sorted(wanted)} is in the catalog")
+    page.open("")
+    pages = _result_pages(page, query)
+    top = pages[:3]
+    assert {f"papers/{i}/" for i in present} & set(top), (
+        f"{query!r}: top three {top}, wanted one of {present}"
+    )
+    if mechanism:  # method pages above the family pages that name the mechanism
+        assert all(p.startswith("papers/") and p != "papers/" for p in top), f"{query!r}: {top}"
+    # the keywords rank the results but are not shown in them
+    assert page.tab.locator(".md-search-result .md-tags:visible").count() == 0
+    slug = re.sub(r"[^a-z0-9]+", "-", query.lower()).strip("-")
+    page.tab.screenshot(path=str(artifacts / f"search-rank-{slug}.png"))
     page.assert_clean()
 
 
@@ -277,4 +324,118 @@ def test_pages_load_without_errors(page, built_site, artifacts):
         page.tab.wait_for_selector("article h1")
     page.open("")
     page.tab.screenshot(path=str(artifacts / "home.png"), full_page=True)
+    page.assert_clean()
+
+
+def test_index_every_kind_option_matches_papers(page, built_site):
+    page.open("papers/")
+    options = page.tab.eval_on_selector_all('[data-filter="kind"] option', "els => els.map(e => e.value)")
+    for kind in [o for o in options if o]:
+        page.tab.select_option('[data-filter="kind"]', kind)
+        assert _count(page) == sum(e.kind == kind for e in built_site.catalog) > 0, kind
+    page.assert_clean()
+
+
+def test_index_is_compact_with_authors_venue_arxiv_and_code(page, built_site, artifacts):
+    page.open("papers/")
+    tab = page.tab
+    headers = tab.eval_on_selector_all("#paper-index thead th", "els => els.map(e => e.textContent.trim())")
+    assert {"Authors", "Venue", "arXiv", "Code"} <= set(headers), headers
+    box = tab.locator("#paper-index").bounding_box()
+    rows = len(list(built_site.catalog))
+    assert box["height"] / rows < ROW_HEIGHT_PX, f"{box['height'] / rows:.0f} px per paper"
+    assert tab.locator("#paper-index a[href^='https://arxiv.org/abs/']").count() == sum(
+        bool(e.arxiv) for e in built_site.catalog
+    )
+    tab.screenshot(path=str(artifacts / "index.png"))
+    page.assert_clean()
+
+
+def test_key_value_tables_are_not_sortable(page, built_site):
+    e = next(e for e in built_site.catalog.sorted() if e.kind == "method" and e.properties)
+    page.open(f"papers/{e.id}/")
+    page.tab.wait_for_selector(".selfsup-static table")
+    assert page.tab.locator(".selfsup-static table th[role='columnheader']").count() == 0
+    assert page.tab.locator(".selfsup-static table[data-sortable]").count() == 0
+    page.open("")
+    assert page.tab.locator(".selfsup-counts table[data-sortable]").count() == 0
+    page.open("papers/")
+    assert page.tab.locator("#paper-index[data-sortable='ready']").count() == 1  # list tables still sort
+    page.assert_clean()
+
+
+def test_bibtex_stays_in_its_column(page, built_site, artifacts):
+    e = max(built_site.catalog, key=lambda e: len(e.title) + len(", ".join(e.authors)))
+    page.open(f"papers/{e.id}/")
+    code = page.tab.locator("h2#cite + .highlight pre > code")
+    sizes = code.evaluate("c => [c.scrollWidth, c.clientWidth]")
+    assert sizes[0] <= sizes[1] + 1, f"the BibTeX of {e.id} overflows: {sizes}"
+    article = page.tab.locator("article").bounding_box()
+    block = page.tab.locator("h2#cite + .highlight").bounding_box()
+    assert block["x"] + block["width"] <= article["x"] + article["width"] + 1
+    code.scroll_into_view_if_needed()
+    page.tab.screenshot(path=str(artifacts / "bibtex.png"))
+    page.assert_clean()
+
+
+def _visible_methods(page: Page) -> list[str]:
+    return page.tab.eval_on_selector_all(
+        "#property-matrix tbody tr:not([hidden]) td:first-child", "els => els.map(e => e.textContent.trim())"
+    )
+
+
+def test_property_filters(page, built_site, artifacts):
+    from selfsup.site import display_name
+
+    methods = [e for e in built_site.catalog if e.kind == "method"]
+    page.open("compare/properties/")
+    tab = page.tab
+    assert int(tab.text_content("#method-count")) == len(methods) == len(_visible_methods(page))
+
+    tab.select_option('[data-property="negatives"]', "no")
+    tab.select_option('[data-property="momentum-encoder"]', "no")
+    expected = [
+        e
+        for e in methods
+        if e.properties.get("negatives") is False and e.properties.get("momentum_encoder") is False
+    ]
+    assert 0 < len(expected) < len(methods)
+    assert int(tab.text_content("#method-count")) == len(expected)
+    assert sorted(_visible_methods(page)) == sorted(display_name(e) for e in expected)
+    tab.screenshot(path=str(artifacts / "properties-filtered.png"))
+
+    family = "distillation" if any(e.family == "distillation" for e in expected) else expected[0].family
+    tab.select_option('[data-filter="family"]', family)
+    assert int(tab.text_content("#method-count")) == sum(e.family == family for e in expected)
+
+    tab.click("#property-filters [data-filter-reset]")
+    tab.wait_for_function(f"document.getElementById('method-count').textContent === '{len(methods)}'")
+    assert len(_visible_methods(page)) == len(methods)
+
+    page.open("compare/properties/?negatives=no&momentum_encoder=no")
+    assert int(tab.text_content("#method-count")) == len(expected)
+    page.assert_clean()
+
+
+def test_property_matrix_keeps_header_and_method_column_in_view(page, built_site, artifacts):
+    page.open("compare/properties/")
+    tab = page.tab
+    n_props = len(built_site.catalog.taxonomy.properties)
+    assert tab.locator("#property-matrix thead th abbr[title]").count() == n_props  # short headers, hover
+    geometry = tab.locator("#property-matrix").evaluate(
+        """t => {
+            t.scrollTop = 600; t.scrollLeft = 500;
+            const box = t.getBoundingClientRect();
+            const th = t.tHead.rows[0].cells[4].getBoundingClientRect();
+            const rows = Array.from(t.tBodies[0].rows).filter(r => r.getBoundingClientRect().bottom > th.bottom);
+            const first = rows[0].cells[0].getBoundingClientRect();
+            return {scrollTop: t.scrollTop, scrollLeft: t.scrollLeft, top: box.top, left: box.left,
+                    thTop: th.top, tdLeft: first.left};
+        }"""
+    )
+    assert geometry["scrollTop"] > 0, "the matrix does not scroll within its box"
+    assert abs(geometry["thTop"] - geometry["top"]) <= 2, geometry  # header row stays at the top
+    if geometry["scrollLeft"] > 0:
+        assert abs(geometry["tdLeft"] - geometry["left"]) <= 2, geometry  # method column stays at the left
+    tab.screenshot(path=str(artifacts / "properties-scrolled.png"))
     page.assert_clean()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfsup import site
+from selfsup import site, site_search
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "site" / "templates"
@@ -71,10 +71,10 @@ def test_pages_of_a_small_catalog(tmp_path):
     entry = pages["papers/byol.md"]
     assert entry.startswith("---\n")  # front matter first
     assert "$$\n\\mathcal{L} = -\\log \\frac{a}{b}\n$$" in entry
-    assert "[simclr](simclr.md)" in entry  # builds on
+    assert "[Lovelace et al. 2020](simclr.md)" in entry  # builds on: by name (first author, year), not id
     assert "&lt;Representations&gt;" in entry  # no raw HTML from catalog prose
     assert "```bibtex" in entry
-    assert "Implementation" not in entry.split("## Cite")[0].split("## Summary")[1]  # none: no section
+    assert "Implementation" not in entry  # none: no section
     # table cells escape pipes
     assert "A Simple Framework \\| for Testing" in pages["families/contrastive.md"]
 
@@ -223,3 +223,108 @@ def test_recorded_commands_show_outside_paths_by_file_name():
     cmd = "selfsup bench overhead --data ../shared/data/cifar10-jpeg.tar.gz --out=/tmp/x/ --runs-dir runs/a"
     assert site._command(cmd) == (
         "` selfsup bench overhead --data path/to/cifar10-jpeg.tar.gz --out=path/to/x --runs-dir runs/a `")
+
+
+def front_matter(page: str) -> dict:
+    return yaml.safe_load(page.split("---\n")[1])
+
+
+def write_entry(root: Path, entry_id: str, **changes) -> None:
+    path = root / "catalog" / f"{entry_id}.yaml"
+    data = yaml.safe_load(path.read_text())
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# Search: plain-text titles, keywords, the summary as the snippet
+
+
+def test_plain_text_titles():
+    assert site_search.plain_text("AstroM$^3$: A model") == "AstroM³: A model"
+    assert site_search.plain_text(r"\(\alpha\)-skew and $x_{1}$ and $k^{th}$") == "α-skew and x₁ and k^th"
+    assert site_search.plain_text("No math, $5 only") == "No math, $5 only"
+
+
+def test_titles_with_math_are_plain_text(tmp_path):
+    root = small_repo(tmp_path)
+    write_entry(root, "byol", name="AstroM3", title="AstroM$^3$: A self-supervised multimodal model")
+    pages = render(root)
+    entry = pages["papers/byol.md"]
+    assert front_matter(entry)["title"] == "AstroM³: A self-supervised multimodal model"  # name in title
+    assert "# AstroM³: A self-supervised multimodal model\n" in entry
+    assert "$^3$" not in pages["papers/index.md"]
+
+
+def test_keywords_and_synonyms_are_search_tags(tmp_path):
+    root = small_repo(tmp_path, ids=("simclr", "byol", "mae"))
+    write_entry(root, "simclr", name="SimCLR", tags=["nt-xent"])
+    write_entry(root, "byol", name="BYOL", family="distillation", subfamily="momentum_teacher")
+    byol = yaml.safe_load((root / "catalog" / "byol.yaml").read_text())
+    write_entry(root, "byol", properties=dict(byol["properties"], momentum_encoder=True, negatives=False))
+    mae = yaml.safe_load((root / "catalog" / "mae.yaml").read_text())
+    write_entry(root, "mae", name="MAE", family="masked_modeling", subfamily="pixel_targets",
+                properties=dict(mae["properties"], masking=True))
+    pages = render(root)
+    tags = {i: front_matter(pages[f"papers/{i}.md"])["tags"] for i in ("simclr", "byol", "mae")}
+    assert tags["simclr"][0] == "SimCLR" and "nt-xent" in tags["simclr"]  # the id is the name, once
+    assert {"InfoNCE", "Ada Lovelace"} <= set(tags["simclr"])
+    assert {"self-distillation", "negative-free", "non-contrastive", "momentum encoder"} <= set(tags["byol"])
+    assert {"MIM", "masked image modeling", "masked image modelling"} <= set(tags["mae"])
+    assert "MIM" not in tags["simclr"] and "negative-free" not in tags["simclr"]
+    assert front_matter(pages["papers/simclr.md"])["search"]["boost"] > 1
+
+
+def test_metadata_is_out_of_search_and_the_summary_leads(tmp_path):
+    entry = render(small_repo(tmp_path))["papers/byol.md"]
+    body = entry.split("\n# ", 1)[1]
+    meta_start, meta_end = body.index('<div class="selfsup-meta" data-search-exclude markdown>'), body.index("</div>")
+    assert meta_start < body.index("Ada Lovelace") < body.index("**Catalog id:**") < meta_end
+    summary = body.index("A summary that is long enough")
+    assert meta_end < summary < body.index("!!! abstract") < body.index("\n## ")  # in the h1 section
+
+
+def test_listing_tables_are_out_of_search(tmp_path):
+    pages = render(small_repo(tmp_path))
+    assert '<table id="paper-index" data-search-exclude markdown>' in pages["papers/index.md"]
+    assert '<div class="selfsup-matrix" data-search-exclude markdown>' in pages["compare/properties.md"]
+    assert "<div data-search-exclude markdown>" in pages["families/contrastive.md"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Smaller defects: names not ids, static key/value tables, filters that match something
+
+
+def test_entries_are_named_not_by_id(tmp_path):
+    root = small_repo(tmp_path)
+    write_entry(root, "byol", name="BYOL")
+    pages = render(root)
+    assert "| Year | Name | Paper | Kind | Code |" in pages["families/contrastive.md"]
+    assert "| Id |" not in pages["families/contrastive.md"]
+    timeline = pages["timeline.md"]
+    assert "[Lovelace et al. 2020](papers/simclr.md)" in timeline and "[BYOL](papers/byol.md)" in timeline
+    assert "[simclr]" not in timeline
+    assert "- [Lovelace et al. 2020](simclr.md) — A Simple Framework" in pages["papers/byol.md"]
+
+
+def test_key_value_tables_are_static(tmp_path):
+    entry = render(small_repo(tmp_path))["papers/byol.md"]
+    props = entry.split("## Properties")[1]
+    assert props.index('<div class="selfsup-static" markdown>') < props.index("| Property | Value | Meaning |")
+
+
+def test_index_offers_only_kinds_and_modalities_that_match(tmp_path):
+    index = render(small_repo(tmp_path))["papers/index.md"]
+    assert '<option value="method">Method (2)</option>' in index
+    assert 'value="dataset"' not in index and 'value="theory"' not in index
+    assert '<option value="image">Images (2)</option>' in index
+    for column in ("Year", "Paper", "Authors", "Venue", "Kind", "Family", "arXiv", "Code"):
+        assert f"<th>{column}</th>" in index
+    assert 'title="Ada Lovelace, Alan Turing">Ada Lovelace et al.</td>' in index
+
+
+def test_properties_matrix_rows_carry_their_values(tmp_path):
+    page = render(small_repo(tmp_path))["compare/properties.md"]
+    assert page.count('data-p-negatives="no"') == 2 and 'data-p-memory="none"' in page
+    assert '<select data-property="momentum-encoder">' in page
+    assert '<abbr title="Momentum encoder: One branch is an exponential moving average of the other.">EMA</abbr>' in page
