@@ -208,6 +208,7 @@ def run_overhead(
                 res = train.train(dataclasses.replace(rc, augment=augment, out=f"{tmp}/{m}-{augment}"))
                 timed[augment] = res["step_seconds"]
             row = {"method": m, "backbone": backbone, "batch_size": batch_size, "device": dev_name, "workers": workers,
+                   "steps": steps,  # train steps per view path (the steady state excludes the first log interval)
                    "pure_step_s": round(pure, 4), "train_step_device_s": round(timed["device"], 4),
                    "train_step_loader_s": round(timed["loader"], 4),
                    "device_ratio": round(pure / timed["device"], 3), "loader_ratio": round(pure / timed["loader"], 3)}
