@@ -125,6 +125,11 @@ CASES: dict[str, Case] = {
     # IterNorm whitens groups of 64 features: 2 groups of 4 of the 8-d embedding, so that the check covers a
     # whitening over the global batch of 8 (with 64 groups each feature would only be standardised)
     "vibcreg": Case(overrides={"iternorm_groups": "2"}),
+    # Shuffled-DBN whitens without a ridge: with BN stripped the projections' std is ~0.015 and the whitening's
+    # gradients scale as 1/std, so bias gradients that centring makes exactly 0 carry float32 noise above the
+    # tolerance; inputs x20 and 4-d outputs in 2 shuffled groups of 2 keep it at ~0.3 of it
+    "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
+        **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }
 
 
