@@ -128,6 +128,10 @@ CASES: dict[str, Case] = {
     # Shuffled-DBN whitens without a ridge: with BN stripped the projections' std is ~0.015 and the whitening's
     # gradients scale as 1/std, so bias gradients that centring makes exactly 0 carry float32 noise above the
     # tolerance; inputs x20 and 4-d outputs in 2 shuffled groups of 2 keep it at ~0.3 of it
+    # multi-crop: two global 8-px and two local 4-px views (every view predicts the global views' mean); 16 slices
+    "lejepa": Case(overrides={"num_slices": "16"}, batch=lambda cfg, n: {
+        "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 4, 4))],
+        "index": torch.arange(n), "label": torch.full((n,), -1)}),
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }
