@@ -288,12 +288,12 @@ def projector(in_dim: int, hidden_dim: int, out_dim: int, cfg: Config = Config()
 
 
 def invariance_loss(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """s(Z, Z'): mean squared difference over the n d entries (official ``vibcreg_invariance_loss``, mse)."""
+    """s(Z, Z'): the mean squared difference over all n d entries, as VICReg's Alg. 1 and code compute it."""
     return F.mse_loss(z1, z2)
 
 
 def variance_loss(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
-    """v(Z) = mean_j max(0, gamma - sqrt(Var(z^j) + eps)), unbiased variance. z: (N, D)."""
+    """v(Z) = mean_j max(0, gamma - sqrt(Var(z^j) + eps)), unbiased variance (VICReg Eqs. 1-2). z: (N, D)."""
     std = torch.sqrt(z.var(dim=0) + eps)  # (D,)
     return F.relu(gamma - std).mean()
 

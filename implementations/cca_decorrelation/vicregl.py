@@ -361,12 +361,12 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def invariance_loss(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """s(Z, Z') as Alg. 1 and the code compute it: the mean squared difference over all n d entries."""
+    """s(Z, Z'): the mean squared difference over all n d entries, as VICReg's Alg. 1 and code compute it."""
     return F.mse_loss(z1, z2)
 
 
 def variance_loss(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
-    """v(Z) = mean_j max(0, gamma - sqrt(Var(z^j) + eps)), unbiased variance (Eqs. 1-2). z: (N, D)."""
+    """v(Z) = mean_j max(0, gamma - sqrt(Var(z^j) + eps)), unbiased variance (VICReg Eqs. 1-2). z: (N, D)."""
     std = torch.sqrt(z.var(dim=0) + eps)  # (D,)
     return F.relu(gamma - std).mean()
 
