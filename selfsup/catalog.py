@@ -1,11 +1,11 @@
 """The catalog: one YAML file per paper, validated against a pydantic model and the taxonomy.
 
-Loading never stops at the first problem: :func:`load_catalog` returns every entry it could read
-and a list of :class:`Problem`, each naming the file, the field and what was expected, so that a
-whole catalog can be fixed in one pass. YAML is read with a safe loader that also refuses duplicate
-keys; tags that would construct Python objects are reported, never executed. Anchors and aliases
-(which can expand a small file into gigabytes) and nesting deeper than :data:`MAX_YAML_DEPTH` are
-refused while the file is parsed, before anything is built from it.
+Loading never stops at the first problem: [`load_catalog`][selfsup.catalog.load_catalog] returns every entry
+it could read and a list of [`Problem`][selfsup.catalog.Problem], each naming the file, the field and what was
+expected, so that a whole catalog can be fixed in one pass. YAML is read with a safe loader that also refuses
+duplicate keys; tags that would construct Python objects are reported, never executed. Anchors and aliases
+(which can expand a small file into gigabytes) and nesting deeper than `MAX_YAML_DEPTH` are refused while the
+file is parsed, before anything is built from it.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Result(BaseModel):
 
 
 class Entry(BaseModel):
-    """One paper. See DESIGN.md and taxonomy/ for the meaning of each field."""
+    """One paper. See catalog/README.md and taxonomy/ for the meaning of each field."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -266,7 +266,8 @@ class Problem:
 
 
 class CatalogError(Exception):
-    """Raised by :func:`load_catalog_or_raise`; holds every problem found."""
+    """Raised by [`load_catalog_or_raise`][selfsup.catalog.load_catalog_or_raise]; holds every problem
+    found."""
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems
@@ -649,6 +650,8 @@ def builds_on_cycles(entries: dict[str, Entry]) -> list[list[str]]:
 
 
 def load_catalog_or_raise(root: Path = ROOT) -> Catalog:
+    """[`load_catalog`][selfsup.catalog.load_catalog], raising [`CatalogError`][selfsup.catalog.CatalogError]
+    with every problem if there is any."""
     cat = load_catalog(root)
     if cat.problems:
         raise CatalogError(cat.problems)

@@ -17,8 +17,8 @@ tensor (N, 3, H, W), so no JPEG is decoded while training; an ImageFolder's deco
 the cache directory (memory-mapped when they would not fit comfortably in RAM) and reused by later runs.
 Larger images are decoded per access, in the loader workers.
 
-:class:`ViewDataset` wraps a split with the part of a method's views that runs per image (see
-:mod:`selfsup.views`). Its randomness is a function of (seed, epoch, sample index) only, so a run is
+[`ViewDataset`][selfsup.data.ViewDataset] wraps a split with the part of a method's views that runs per image
+(see `selfsup.views`). Its randomness is a function of (seed, epoch, sample index) only, so a run is
 reproducible with any number of loader workers and a resumed run sees exactly the views it would have seen.
 """
 
@@ -415,7 +415,7 @@ def _archive_root(dest: Path) -> Path:
 def load_dataset(
     name: str, data_dir: str | Path | None = None, image_size: int | None = None, download: bool = False
 ) -> DataSet:
-    """Load a data set by name or path. Raises :class:`DataError` with what is wrong."""
+    """Load a data set by name or path. Raises [`DataError`][selfsup.data.DataError] with what is wrong."""
     lowered = str(name).lower()
     if lowered == "digits":
         return load_digits(image_size or 32)

@@ -1,14 +1,16 @@
 """Evaluation on frozen features, and label-free diagnostics that make collapse visible.
 
-- :func:`knn_classify`: weighted k-NN (Wu et al. 2018, Sec. 3.4): cosine similarities to the k nearest
-  training features vote for their class with weight exp(s / T). Defaults k=200, T=0.1 (the setting of
-  lightly's CIFAR-10 benchmark table; InstDisc used T=0.07).
-- :func:`linear_probe`: a linear classifier trained on frozen, standardised features.
-- :func:`rankme`: RankMe (Garrido et al. 2023, Eq. 1), the exponential of the entropy of the normalised
-  singular values of the embedding matrix; between 1 (collapse to a line) and min(N, D).
-- :func:`alignment` and :func:`uniformity`: Wang & Isola (2020), Eqs. 4-5, on l2-normalised features.
-- :func:`feature_std`: mean per-dimension standard deviation of l2-normalised features; near 0 means
-  every sample maps to the same point.
+- [`knn_classify`][selfsup.evaluate.knn_classify]: weighted k-NN (Wu et al. 2018, Sec. 3.4): cosine
+  similarities to the k nearest training features vote for their class with weight exp(s / T). Defaults k=200,
+  T=0.1 (the setting of lightly's CIFAR-10 benchmark table; InstDisc used T=0.07).
+- [`linear_probe`][selfsup.evaluate.linear_probe]: a linear classifier trained on frozen, standardised
+  features.
+- [`rankme`][selfsup.evaluate.rankme]: RankMe (Garrido et al. 2023, Eq. 1), the exponential of the entropy of
+  the normalised singular values of the embedding matrix; between 1 (collapse to a line) and min(N, D).
+- [`alignment`][selfsup.evaluate.alignment] and [`uniformity`][selfsup.evaluate.uniformity]: Wang & Isola
+  (2020), Eqs. 4-5, on l2-normalised features.
+- [`feature_std`][selfsup.evaluate.feature_std]: mean per-dimension standard deviation of l2-normalised
+  features; near 0 means every sample maps to the same point.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def extract_features(
     batch_size: int = 256, num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) float32 on the CPU and labels (N,) of a split, in index order, through
-    :func:`eval_transform`. Decoded splits already at ``image_size`` are only normalised, batched on the device."""
+    [`eval_transform`][selfsup.evaluate.eval_transform]. Decoded splits already at ``image_size`` are only
+    normalised, batched on the device."""
     labels = torch.as_tensor(split.labels)
     if split.in_memory and tuple(split.pixels.shape[-2:]) == (image_size, image_size):
         m = torch.tensor(mean, device=device).view(1, 3, 1, 1)

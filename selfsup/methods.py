@@ -14,7 +14,7 @@ library and defines, top to bottom:
     SimCLR; T and T' for BYOL; 2 global + N local crops for multi-crop), each mapping one image (a uint8
     tensor (3, H, W) or a PIL image) to a float tensor (C, H_v, W_v). The file only declares it: the
     harness runs standard transforms batched on the training device with per-sample random parameters
-    (:mod:`selfsup.views`) and falls back to running the pipelines per image in the loader workers, with
+    (`selfsup.views`) and falls back to running the pipelines per image in the loader workers, with
     a notice, when one has no batched counterpart. Views may have different sizes (multi-crop); the
     model receives ``batch["views"]`` as a list of V tensors (N, C, H_v, W_v). A pretext target of the
     method's own (rotations, permutations, masks) is made from the views inside ``forward``.

@@ -2,18 +2,19 @@
 
 The generator follows data -> model -> templates:
 
-1. data: :func:`load_site_data` loads and validates the catalog (``selfsup.catalog``) and the measured
-   results (``benchmarks/results/*.json``); any problem stops the build with the full list;
-2. model: :func:`build_model` computes what the pages need (lineage, tables, counts, filters);
-3. templates: :func:`render_pages` renders the jinja2 templates in ``site/templates`` with
-   ``StrictUndefined`` into Markdown, one string per page. Every string from the data passes a filter
-   that keeps it text (``md``, ``cell``, ``code``), an http(s) link (``link``) or math (``math``):
-   nothing in the catalog becomes HTML, a script or an attribute on the page.
+1. data: [`load_site_data`][selfsup.site.load_site_data] loads and validates the catalog (``selfsup.catalog``)
+   and the measured results (``benchmarks/results/*.json``); any problem stops the build with the full list;
+2. model: [`build_model`][selfsup.site.build_model] computes what the pages need (lineage, tables, counts,
+   filters);
+3. templates: [`render_pages`][selfsup.site.render_pages] renders the jinja2 templates in ``site/templates``
+   with ``StrictUndefined`` into Markdown, one string per page. Every string from the data passes a filter
+   that keeps it text (``md``, ``cell``, ``code``), an http(s) link (``link``) or math (``math``): nothing in
+   the catalog becomes HTML, a script or an attribute on the page.
 
-``site/gen_pages.py`` (run by mkdocs-gen-files during ``mkdocs build``) writes those pages into the
-build; nothing generated is committed. Implementation sources are embedded by ``pymdownx.snippets``
-(``--8<--`` lines resolved from the repository root), never pasted. :func:`build` and :func:`serve`
-back ``selfsup site build`` and ``selfsup site serve``.
+``site/gen_pages.py`` (run by mkdocs-gen-files during ``mkdocs build``) writes those pages into the build;
+nothing generated is committed. Implementation sources are embedded by ``pymdownx.snippets`` (``--8<--`` lines
+resolved from the repository root), never pasted. [`build`][selfsup.site.build] and
+[`serve`][selfsup.site.serve] back ``selfsup site build`` and ``selfsup site serve``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ START_HERE = ["simclr", "moco", "byol", "simsiam", "swav", "dino", "barlow-twins
 # Environment variable that points the generator at another data root (catalog/, taxonomy/,
 # benchmarks/results/, implementations/) than the directory holding mkdocs.yml.
 ROOT_ENV = "SELFSUP_SITE_ROOT"
+
+# Read by mkdocs.yml (``!ENV``): where the site is published, where its sources live, and whether the
+# build is the offline one (readable from file://). None of them is known to the repository.
+SITE_URL_ENV = "SELFSUP_SITE_URL"
+REPO_URL_ENV = "SELFSUP_REPO_URL"
+OFFLINE_ENV = "SELFSUP_OFFLINE"
+# The branch the entry pages link implementation files on (``{repo_url}/blob/{branch}/{path}``).
+REPO_BRANCH = "main"
 
 
 class SiteError(Exception):
@@ -181,7 +190,8 @@ def load_measured(root: Path, known_ids: set[str]) -> tuple[list[Measured], list
 
 
 def load_site_data(root: Path) -> tuple[cat.Catalog, list[Measured]]:
-    """Load and validate everything the site shows; raise :class:`SiteError` listing every problem."""
+    """Load and validate everything the site shows; raise [`SiteError`][selfsup.site.SiteError] listing every
+    problem."""
     try:
         catalog = cat.load_catalog(root)
     except cat.CatalogError as e:  # a broken taxonomy
@@ -348,6 +358,13 @@ class SiteModel:
     methods: list[EntryView] = field(default_factory=list)  # kind == method, by family then year
     use_directory_urls: bool = True
     family_by_id: dict[str, FamilyView] = field(default_factory=dict)
+    repo_url: str | None = None  # mkdocs' repo_url ($SELFSUP_REPO_URL): implementation links open there
+
+    def source_url(self, path: str) -> str | None:
+        """The file ``path`` (relative to the repository root) in the repository; None without a repo_url."""
+        if not self.repo_url:
+            return None
+        return f"{self.repo_url.rstrip('/')}/blob/{REPO_BRANCH}/{quote(path.lstrip('/'))}"
 
 
 def _format_property(prop: cat.Property, value: Any) -> str:
@@ -384,6 +401,7 @@ def build_model(
     measured: list[Measured],
     code_root: Path,
     use_directory_urls: bool = True,
+    repo_url: str | None = None,
 ) -> SiteModel:
     """Everything the templates need; ``code_root`` is where mkdocstrings finds ``selfsup``."""
     tax = catalog.taxonomy
@@ -533,6 +551,7 @@ def build_model(
         property_columns=columns,
         methods=[v for f in families for v in f.methods] + [v for v in methods if v.entry.family is None],
         use_directory_urls=use_directory_urls,
+        repo_url=repo_url or None,
     )
     model.family_by_id = {f.family["id"]: f for f in families}
     return model
@@ -561,7 +580,7 @@ def _md_text(value: Any) -> str:
 
 
 def _cell(value: Any) -> str:
-    """Catalog text in a Markdown table cell: as :func:`_md_text`, with pipes escaped."""
+    """Catalog text in a Markdown table cell: as `_md_text`, with pipes escaped."""
     return _md_text(value).replace("|", r"\|")
 
 
@@ -602,7 +621,7 @@ def _math(latex: str) -> str:
 
 
 def _metric(value: float | None, metric: Metric | str) -> str:
-    """A measured number for display; ``metric`` is a :class:`Metric` or its kind."""
+    """A measured number for display; ``metric`` is a [`Metric`][selfsup.site.Metric] or its kind."""
     kind = metric.kind if isinstance(metric, Metric) else metric
     if value is None:
         return "–"
@@ -679,15 +698,21 @@ def render_pages(
     templates: Path | None = None,
     use_directory_urls: bool = True,
     code_root: Path | None = None,
+    repo_url: str | None = None,
 ) -> dict[str, str]:
-    """Every generated page as ``{path under docs_dir: Markdown}``; raises :class:`SiteError`.
+    """Every generated page as ``{path under docs_dir: Markdown}``; raises
+    [`SiteError`][selfsup.site.SiteError].
 
     ``root`` holds the data (catalog/, taxonomy/, benchmarks/results/), ``templates`` the jinja2
-    templates (default ``root/site/templates``), ``code_root`` the package the API page documents.
+    templates (default ``root/site/templates``), ``code_root`` the package the API page documents,
+    ``repo_url`` the repository the implementation links open (default: ``$SELFSUP_REPO_URL``, which
+    mkdocs.yml's ``repo_url`` reads too; none: they point to the code on the page).
     """
     root = Path(root)
     catalog, measured = load_site_data(root)
-    model = build_model(catalog, measured, Path(code_root or root), use_directory_urls)
+    if repo_url is None:
+        repo_url = os.environ.get(REPO_URL_ENV) or None
+    model = build_model(catalog, measured, Path(code_root or root), use_directory_urls, repo_url)
     env = template_env(templates or root / "site" / "templates")
     out: dict[str, str] = {}
     for page in plan_pages(model):
@@ -729,10 +754,13 @@ def _data_ok(root: Path) -> bool:
     return True
 
 
-def _mkdocs(root: Path, args: list[str]) -> int:
+def _mkdocs(root: Path, args: list[str], offline: bool | None = None) -> int:
+    """Run mkdocs on ``root``; ``offline`` sets $SELFSUP_OFFLINE (None: as the environment has it)."""
     env = dict(
         os.environ, **{ROOT_ENV: str(root), "NO_MKDOCS_2_WARNING": "1", "DISABLE_MKDOCS_2_WARNING": "true"}
     )
+    if offline is not None:
+        env[OFFLINE_ENV] = "true" if offline else "false"
     cmd = [sys.executable, "-m", "mkdocs", *args, "--config-file", str(config_file(root))]
     # cwd=root: pymdownx.snippets resolves implementation paths from the repository root.
     return subprocess.call(cmd, cwd=root, env=env)
@@ -775,11 +803,23 @@ def output_dir_problem(out: Path, root: Path) -> str | None:
     return None
 
 
-def build(root: Path = cat.ROOT, out_dir: Path | None = None, strict: bool = False) -> int:
+def offline_default() -> bool:
+    """Whether a build is the offline one: as $SELFSUP_OFFLINE says, else when no $SELFSUP_SITE_URL is set."""
+    flag = os.environ.get(OFFLINE_ENV, "").strip().lower()
+    if flag:
+        return flag not in {"0", "false", "no", "off"}
+    return not os.environ.get(SITE_URL_ENV, "").strip()
+
+
+def build(
+    root: Path = cat.ROOT, out_dir: Path | None = None, strict: bool = False, offline: bool | None = None
+) -> int:
     """Build the site into ``out_dir`` (default: mkdocs.yml's ``build/site``); return the exit code.
 
-    mkdocs empties the output directory first, so it must be a new or empty directory, or one that a
-    previous build marked with :data:`SITE_MARKER`; anything else is refused with a one-line error.
+    ``offline`` (default: [`offline_default`][selfsup.site.offline_default]) builds the site for reading
+    from ``file://``: pages as ``.html`` files and the search index inlined into a script. mkdocs empties
+    the output directory first, so it must be a new or empty directory, or one that a previous build
+    marked with `SITE_MARKER` (`.selfsup-site`); anything else is refused with a one-line error.
     """
     root = Path(root).resolve()
     out = Path(out_dir).resolve() if out_dir is not None else default_site_dir(config_file(root))
@@ -794,7 +834,7 @@ def build(root: Path = cat.ROOT, out_dir: Path | None = None, strict: bool = Fal
     args = ["build", "--clean", "--site-dir", str(out)]
     if strict:
         args.append("--strict")
-    return _mkdocs(root, args)
+    return _mkdocs(root, args, offline=offline_default() if offline is None else offline)
 
 
 def serve(root: Path = cat.ROOT, addr: str = "127.0.0.1:8000") -> int:
@@ -807,6 +847,6 @@ def serve(root: Path = cat.ROOT, addr: str = "127.0.0.1:8000") -> int:
     if not _data_ok(root):
         return 1
     try:
-        return _mkdocs(root, args)
+        return _mkdocs(root, args, offline=False)  # served over http: directory URLs, the search worker
     except KeyboardInterrupt:
         return 0

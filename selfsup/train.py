@@ -5,18 +5,20 @@ A run directory holds ``config.json`` (the run and method settings; it marks the
 file, then renamed) and, at the end, ``results.json`` with the trained model's metrics beside those of
 the same backbone at its random initialisation.
 
-The loop reads as the pipeline: :func:`build_run` (method, data, model, optimizer, views, run
-directory), then per step :func:`next_batches` -> :func:`make_views` -> :func:`train_step` ->
-:meth:`RunLog.step` -> :func:`maybe_checkpoint`, and :func:`finish` evaluates and writes the results.
+The loop reads as the pipeline: [`build_run`][selfsup.train.build_run] (method, data, model, optimizer, views,
+run directory), then per step [`next_batches`][selfsup.train.next_batches] ->
+[`make_views`][selfsup.train.make_views] -> [`train_step`][selfsup.train.train_step] ->
+[`RunLog.step`][selfsup.train.RunLog.step] -> [`maybe_checkpoint`][selfsup.train.maybe_checkpoint], and
+[`finish`][selfsup.train.finish] evaluates and writes the results.
 
 Views: the method's per-view pipelines run batched on the training device where they translate
-(:mod:`selfsup.views`), else per image in the loader workers (``--augment loader``, or a recipe with a
+(`selfsup.views`), else per image in the loader workers (``--augment loader``, or a recipe with a
 transform of the method's own).
 
-Reproducibility: every step reseeds the global RNG from (seed, step, rank), which makes the batched views
-and any randomness of the method; per-image views are seeded from (seed, epoch, index) (see
-:mod:`selfsup.data`). So ``--resume`` continues with exactly the losses an uninterrupted run would have
-had (on the CPU; cuDNN kernels may differ slightly).
+Reproducibility: every step reseeds the global RNG from (seed, step, rank), which makes the batched views and
+any randomness of the method; per-image views are seeded from (seed, epoch, index) (see
+[`selfsup.data`][selfsup.data]). So ``--resume`` continues with exactly the losses an uninterrupted run would
+have had (on the CPU; cuDNN kernels may differ slightly).
 
 Checkpoints: at the end of every epoch, every ``checkpoint_minutes`` of training (10 by default) and, if
 asked, every ``checkpoint_every`` steps, so that a kill loses at most one epoch or ten minutes.
@@ -431,6 +433,8 @@ def load_method_and_data(rc: RunConfig):
 
 
 def build_run(rc: RunConfig) -> Run:
+    """Everything a run needs, from its settings: method and data, model, optimizer, view plan, sampler
+    and schedule, and the run directory (a fresh run refuses a non-empty one)."""
     rc.validate()
     d = init_distributed(rc.device)
     device = resolve_device(rc.device, d)

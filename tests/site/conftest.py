@@ -46,10 +46,25 @@ def built_site(site_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Bui
     assert not catalog.problems, "the catalog has problems:\n" + "\n".join(map(str, catalog.problems))
     out = tmp_path_factory.mktemp("site")
     start = time.perf_counter()
-    rc = site.build(root=site_root, out_dir=out, strict=True)
+    # The served layout (directory URLs), as a build with $SELFSUP_SITE_URL set makes it.
+    rc = site.build(root=site_root, out_dir=out, strict=True, offline=False)
     seconds = time.perf_counter() - start
     assert rc == 0, "selfsup.site.build(strict=True) failed; its output is above"
     return BuiltSite(site_root, out, catalog, seconds)
+
+
+@pytest.fixture(scope="session")
+def offline_site(site_root: Path, tmp_path_factory: pytest.TempPathFactory) -> BuiltSite:
+    """The offline build (the default without $SELFSUP_SITE_URL), for reading from file://."""
+    pytest.importorskip("mkdocs", reason="the site needs the 'site' extra: pip install -e '.[site]'")
+    from selfsup import site
+
+    out = tmp_path_factory.mktemp("offline-site")
+    start = time.perf_counter()
+    rc = site.build(root=site_root, out_dir=out, strict=True, offline=True)
+    seconds = time.perf_counter() - start
+    assert rc == 0, "the offline build failed; its output is above"
+    return BuiltSite(site_root, out, cat.load_catalog(site_root), seconds)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -439,3 +439,53 @@ def test_property_matrix_keeps_header_and_method_column_in_view(page, built_site
         assert abs(geometry["tdLeft"] - geometry["left"]) <= 2, geometry  # method column stays at the left
     tab.screenshot(path=str(artifacts / "properties-scrolled.png"))
     page.assert_clean()
+
+
+# ------------------------------------------------------------------------------------------------
+# The offline build, opened from file:// (no server): links open pages, search works.
+
+
+def _is_page(page: Page) -> bool:
+    """Whether the tab shows a page of the site (not a directory listing or an error page)."""
+    return page.tab.locator("article.md-content__inner h1").count() > 0
+
+
+def test_offline_build_reads_from_file_urls(browser, offline_site, artifacts):
+    out = offline_site.out
+    assert (out / "index.html").is_file() and (out / "search" / "search_index.js").is_file()
+    entry = next((i for i in ("simclr", "byol", "moco") if i in offline_site.catalog.entries), None)
+    if entry is None:
+        entry = sorted(offline_site.catalog.entries)[0]
+    page = Page(browser, out.resolve().as_uri() + "/")
+    try:
+        page.open("index.html")
+        assert _is_page(page), page.tab.url
+        # a link of the home page opens a page, not a directory listing
+        href = page.tab.eval_on_selector(
+            "article a[href$='.html']:not([href^='http'])", "a => a.getAttribute('href')"
+        )
+        page.tab.click(f"article a[href='{href}']")
+        page.tab.wait_for_load_state("load")
+        assert page.tab.url.startswith("file://") and page.tab.url.split("#")[0].endswith(".html"), page.tab.url
+        assert _is_page(page), page.tab.url
+
+        page.open(f"papers/{entry}.html")
+        assert _is_page(page) and offline_site.catalog.entries[entry].name in page.tab.inner_text("h1")
+        # from the entry page to another page of the site (its family, a predecessor, the index)
+        links = page.tab.eval_on_selector_all(
+            "article a[href$='.html']",
+            "els => els.map(a => a.getAttribute('href')).filter(h => !h.startsWith('http'))",
+        )
+        assert links, "the entry page links to no other page"
+        page.tab.click(f"article a[href='{links[0]}']")
+        page.tab.wait_for_load_state("load")
+        assert page.tab.url.split("#")[0].endswith(".html") and _is_page(page), page.tab.url
+        assert page.tab.url.split("#")[0] != (out / "papers" / f"{entry}.html").as_uri()
+
+        # search works without a server (the index inlined as a script, the worker shimmed)
+        hrefs = _search(page, offline_site.catalog.entries[entry].name)
+        assert any(urlsplit(h).path.endswith(f"/papers/{entry}.html") for h in hrefs[:10]), hrefs[:10]
+        page.tab.screenshot(path=str(artifacts / "offline-search.png"))
+        page.assert_clean()
+    finally:
+        page.context.close()

@@ -183,8 +183,19 @@ def test_no_cdn(built_site):
         "katex/LICENSE",
         "mermaid/LICENSE",
         "tablesort/LICENSE",
+        "iframe-worker/shim.js",
+        "iframe-worker/LICENSE",
     ):
         assert (built_site.out / "assets" / "vendor" / asset).is_file(), asset
+
+
+def test_offline_build_is_self_contained(offline_site):
+    """The offline build links .html files, inlines its search index and loads no shim from unpkg."""
+    out = offline_site.out
+    assert (out / "search" / "search_index.js").read_text(encoding="utf-8").startswith("var __index = ")
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert "unpkg.com" not in text and "assets/vendor/iframe-worker/shim.js" in text
+    assert 'href="papers/index.html"' in text
 
 
 def _search_docs(built_site) -> list[dict]:
@@ -265,6 +276,44 @@ def test_api_reference_lists_existing_modules(built_site):
         assert f'id="{m}"' in text, m
 
 
+SPHINX_ROLE = re.compile(r":(?:func|class|mod|meth|data|attr|exc|obj|ref|py:\w+):`?")
+RAW_REFERENCE = re.compile(r"\[[^\]\n]{1,120}\]\[[^\]\n]*\]")  # [title][id] left as text: unresolved
+MARKDOWN_FILE = re.compile(r"(?<![\w/.-])(?:[\w.-]+/)*[\w.-]+\.md\b")
+
+
+def test_api_reference_has_no_raw_roles_and_no_dangling_references(built_site):
+    """Docstrings cross-reference with Markdown that mkdocstrings resolves: no Sphinx role shows raw, every
+    reference became a link to an object documented on the page, and every Markdown file named exists."""
+    page = built_site.out / "api" / "index.html"
+    raw = page.read_text(encoding="utf-8")
+    text = html.unescape(re.sub(r"<[^>]+>", "", raw))
+    assert not SPHINX_ROLE.findall(text), sorted({m.group(0) for m in SPHINX_ROLE.finditer(text)})
+    assert "<autoref" not in raw, "mkdocs-autorefs left references unresolved"
+    assert not RAW_REFERENCE.findall(text), RAW_REFERENCE.findall(text)[:5]
+    ids = parse(page).ids
+    internal = re.findall(r'<a class="autorefs autorefs-internal"[^>]*href="([^"]*)"', raw)
+    assert internal, "the docstrings cross-reference nothing"
+    for href in internal:
+        target = urljoin(url_of(built_site.out, page), href)
+        path, _, anchor = target.partition("#")
+        assert target_file(built_site.out, path) == page or target_file(built_site.out, path).is_file(), href
+        assert target_file(built_site.out, path) != page or anchor in ids, href
+    repo = site.config_file(built_site.root).parent
+    for name in set(MARKDOWN_FILE.findall(text)):
+        exists = (repo / name).is_file() or (repo / "site" / name).is_file()
+        built = built_site.out / name.removesuffix(".md")  # a generated page (papers/simclr.md)
+        assert exists or (built / "index.html").is_file() or built.with_suffix(".html").is_file(), name
+
+
+def test_api_reference_lists_the_fields_of_pydantic_models(built_site):
+    text = html.unescape(re.sub(r"<[^>]+>", " ", (built_site.out / "api" / "index.html").read_text(encoding="utf-8")))
+    start = text.index("One paper.")  # selfsup.catalog.Entry
+    fields = re.sub(r"\s+", " ", text[start : start + 4000])
+    assert "Fields:" in fields
+    for name in ("id", "title", "authors", "year", "summary"):
+        assert re.search(rf"\b{name} \( ", fields), name
+
+
 # ------------------------------------------------------------------------------------------------
 # Hostile catalog strings, and the output directory the build may empty.
 
@@ -276,7 +325,7 @@ def hostile_site(hostile_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("hostile-site")
     (out / site.SITE_MARKER).write_text("")
     (out / "stale.html").write_text("from the previous build")
-    assert site.build(root=hostile_root, out_dir=out, strict=True) == 0
+    assert site.build(root=hostile_root, out_dir=out, strict=True, offline=False) == 0
     return out
 
 
@@ -297,7 +346,7 @@ def test_rebuild_empties_a_marked_directory_and_keeps_the_marker(hostile_site):
 def refused(monkeypatch, capsys):
     """Asserts that building into a directory is refused with a one-line error, before mkdocs starts."""
     # Were the guard to fail, mkdocs would empty the directory: make sure it never starts here.
-    monkeypatch.setattr(site, "_mkdocs", lambda *args: pytest.fail("mkdocs was started"))
+    monkeypatch.setattr(site, "_mkdocs", lambda *args, **kwargs: pytest.fail("mkdocs was started"))
 
     def check(root: Path, out: Path, why: str) -> None:
         assert site.build(root=root, out_dir=out) == 2

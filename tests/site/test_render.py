@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from selfsup import catalog as cat
 from selfsup import site, site_search
 
 REPO = Path(__file__).resolve().parents[2]
@@ -328,3 +329,18 @@ def test_properties_matrix_rows_carry_their_values(tmp_path):
     assert page.count('data-p-negatives="no"') == 2 and 'data-p-memory="none"' in page
     assert '<select data-property="momentum-encoder">' in page
     assert '<abbr title="Momentum encoder: One branch is an exponential moving average of the other.">EMA</abbr>' in page
+
+
+def test_implementation_link_opens_the_repository_when_repo_url_is_set(monkeypatch):
+    """With a repo_url ($SELFSUP_REPO_URL, which mkdocs.yml reads too) the entry page's implementation
+    link opens the file in the repository; without one it points to the code shown on the page."""
+    catalog = cat.load_catalog(REPO)
+    entry = next(e for e in catalog.entries.values() if e.implementation)
+    monkeypatch.delenv(site.REPO_URL_ENV, raising=False)
+    plain = render(REPO)[f"papers/{entry.id}.md"]
+    assert f"[`{entry.implementation}`](#implementation)" in plain
+    assert "/blob/" not in plain
+    monkeypatch.setenv(site.REPO_URL_ENV, "https://git.example.org/me/selfsup/")
+    linked = render(REPO)[f"papers/{entry.id}.md"]
+    url = f"https://git.example.org/me/selfsup/blob/main/{entry.implementation}"
+    assert f"[`{entry.implementation}`]({url}) ([below](#implementation))" in linked

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Re-vendor the site's third-party JavaScript/CSS from the npm registry (no CDN at runtime).
 #
-# The site loads KaTeX (math), Mermaid (lineage and taxonomy diagrams) and tablesort (sortable tables)
+# The site loads KaTeX (math), Mermaid (lineage and taxonomy diagrams), tablesort (sortable tables) and
+# iframe-worker (runs the search worker when the offline build is opened from file://)
 # from site/assets/vendor/. This script fetches the pinned versions with `npm pack` (tarballs straight
 # from registry.npmjs.org, no node_modules, no install scripts run), and copies only the files the site
 # uses plus each package's licence. To upgrade: change a version below, run the script from anywhere,
@@ -11,20 +12,22 @@ set -euo pipefail
 KATEX_VERSION=0.19.1
 MERMAID_VERSION=11.17.2
 TABLESORT_VERSION=5.6.0
+IFRAME_WORKER_VERSION=1.0.4
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 cd "$tmp"
-npm pack --silent "katex@${KATEX_VERSION}" "mermaid@${MERMAID_VERSION}" "tablesort@${TABLESORT_VERSION}" >/dev/null
-for pkg in katex mermaid tablesort; do
+npm pack --silent "katex@${KATEX_VERSION}" "mermaid@${MERMAID_VERSION}" "tablesort@${TABLESORT_VERSION}" \
+  "iframe-worker@${IFRAME_WORKER_VERSION}" >/dev/null
+for pkg in katex mermaid tablesort iframe-worker; do
   mkdir "$pkg"
   tar xzf "$pkg"-*.tgz -C "$pkg" --strip-components=1
 done
 
-rm -rf "$here/katex" "$here/mermaid" "$here/tablesort"
-mkdir -p "$here/katex/contrib" "$here/katex/fonts" "$here/mermaid" "$here/tablesort/sorts"
+rm -rf "$here/katex" "$here/mermaid" "$here/tablesort" "$here/iframe-worker"
+mkdir -p "$here/katex/contrib" "$here/katex/fonts" "$here/mermaid" "$here/tablesort/sorts" "$here/iframe-worker"
 
 # KaTeX: the renderer, its stylesheet, the fonts the stylesheet points to, auto-render.
 cp katex/dist/katex.min.js katex/dist/katex.min.css "$here/katex/"
@@ -42,4 +45,10 @@ cp tablesort/dist/tablesort.min.js "$here/tablesort/"
 cp tablesort/dist/sorts/tablesort.number.min.js "$here/tablesort/sorts/"
 cp tablesort/LICENCE "$here/tablesort/LICENSE"
 
-echo "vendored katex ${KATEX_VERSION}, mermaid ${MERMAID_VERSION}, tablesort ${TABLESORT_VERSION} into $here"
+# iframe-worker: the shim mkdocs-material's offline plugin would otherwise load from unpkg (mkdocs.yml
+# lists it under extra.polyfills). It stands in for Web Workers only on file:// pages.
+cp iframe-worker/shim/index.js "$here/iframe-worker/shim.js"
+cp iframe-worker/LICENSE "$here/iframe-worker/LICENSE"
+
+echo "vendored katex ${KATEX_VERSION}, mermaid ${MERMAID_VERSION}, tablesort ${TABLESORT_VERSION}," \
+  "iframe-worker ${IFRAME_WORKER_VERSION} into $here"
