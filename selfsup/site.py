@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfsup import catalog as cat
-from selfsup import site_search, site_tables
+from selfsup import site_lineage, site_search, site_tables
 
 # Modules documented on the API page, in this order. Adding a module is a one-line change here;
 # modules that do not exist (yet) in the repository are skipped.
@@ -257,7 +257,7 @@ def page_url(src: str, use_directory_urls: bool = True) -> str:
 
 
 def relative_url(from_src: str, to_src: str, use_directory_urls: bool = True) -> str:
-    """Relative URL from one page to another as the browser resolves it (for raw HTML, Mermaid)."""
+    """Relative URL from one page to another as the browser resolves it (for raw HTML and the lineage data)."""
     here = page_url(from_src, use_directory_urls)
     base = here if here.endswith("/") or not here else posixpath.dirname(here)
     target = page_url(to_src, use_directory_urls)
@@ -318,21 +318,6 @@ class FamilyView:
 
 
 @dataclass
-class LineageNode:
-    alias: str  # Mermaid node id (catalog ids may clash with Mermaid keywords)
-    entry: cat.Entry
-    url: str  # relative to the lineage page
-    cls: str  # "own" (of the graph's family) or "other"
-
-
-@dataclass
-class LineageGraph:
-    family: dict[str, Any]
-    nodes: list[LineageNode]
-    edges: list[tuple[str, str]]  # (alias of parent, alias of child)
-
-
-@dataclass
 class SiteModel:
     catalog: cat.Catalog
     taxonomy: cat.Taxonomy
@@ -346,9 +331,11 @@ class SiteModel:
     implemented: list[EntryView]
     years: list[int]
     timeline: list[tuple[int, list[list[EntryView]]]]  # per year: one cell per family + "none"
-    lineage: list[LineageGraph]  # one per family
+    lineage: dict[str, Any]  # the whole graph, for the lineage page (site_lineage.graph_data)
     lineage_edge_count: int
     lineage_node_count: int
+    local_graphs: dict[str, site_lineage.LocalGraph]  # entry id -> its ancestors and descendants
+    family_colours: dict[str | None, str]
     isolated_methods: list[EntryView]
     reported: list[tuple[dict[str, Any], list[tuple[EntryView, cat.Result]]]]
     api_modules: list[str]
@@ -484,31 +471,35 @@ def build_model(
         cells.append([v for v in views if v.entry.year == y and v.entry.family is None])
         timeline.append((y, cells))
 
-    # Lineage: method entries connected by builds_on (both ends methods), one graph per family:
-    # the family's connected methods, and the methods of other families they build on.
-    methods = [v for v in views if v.entry.kind == "method"]
-    method_ids = {v.entry.id for v in methods}
-    edges_ids = [
-        (parent, v.entry.id) for v in methods for parent in v.entry.builds_on if parent in method_ids
-    ]
+    # Lineage: every entry connected by builds_on, whatever its kind (analyses build on methods too).
+    nodes = {
+        v.entry.id: site_lineage.Node(
+            v.entry.id, v.name, v.entry.year, v.entry.family, v.entry.kind, tuple(v.entry.modalities),
+            v.title_text,
+        )
+        for v in views
+    }
+    parents = {v.entry.id: list(v.entry.builds_on) for v in views}
+    children: dict[str, list[str]] = defaultdict(list)
+    for child, ps in parents.items():
+        for p in ps:
+            children[p].append(child)
+    edges_ids = site_lineage.edges_of(parents)
     connected = {i for edge in edges_ids for i in edge}
-    lineage = []
-    for f in tax.families:
-        own = [v for v in methods if v.entry.family == f["id"] and v.entry.id in connected]
-        own_ids = {v.entry.id for v in own}
-        edges = [(a, b) for a, b in edges_ids if b in own_ids]
-        outside = sorted({a for a, _ in edges if a not in own_ids}, key=lambda i: (by_id[i].entry.year, i))
-        alias = {i: f"n{k}" for k, i in enumerate([v.entry.id for v in own] + outside)}
-        nodes = [
-            LineageNode(
-                alias[i],
-                by_id[i].entry,
-                relative_url("lineage.md", entry_page(i), use_directory_urls),
-                "own" if i in own_ids else "other",
-            )
-            for i in alias
-        ]
-        lineage.append(LineageGraph(f, nodes, [(alias[a], alias[b]) for a, b in edges]))
+    lineage = site_lineage.graph_data(
+        list(nodes.values()),
+        edges_ids,
+        [(f["id"], f["name"]) for f in tax.families],
+        [(m["id"], m["name"]) for m in tax.modalities],
+        [(k["id"], k["name"]) for k in tax.kinds],
+        lambda i: relative_url("lineage.md", entry_page(i), use_directory_urls),
+    )
+    local_graphs = {}
+    for i in connected:
+        g = site_lineage.local_graph(i, nodes, parents, children)
+        if g is not None:
+            local_graphs[i] = g
+    methods = [v for v in views if v.entry.kind == "method"]
 
     reported = []
     for b in tax.benchmarks:
@@ -543,6 +534,8 @@ def build_model(
         lineage=lineage,
         lineage_edge_count=len(edges_ids),
         lineage_node_count=len(connected),
+        local_graphs=local_graphs,
+        family_colours=site_lineage.family_colours([f["id"] for f in tax.families]),
         isolated_methods=[v for v in methods if v.entry.id not in connected],
         reported=reported,
         api_modules=[m for m in API_MODULES if module_exists(code_root, m)],
@@ -700,7 +693,8 @@ def render_pages(
     code_root: Path | None = None,
     repo_url: str | None = None,
 ) -> dict[str, str]:
-    """Every generated page as ``{path under docs_dir: Markdown}``; raises
+    """Every generated page as ``{path under docs_dir: Markdown}``, and the lineage page's data
+    (``assets/generated/lineage-data.js``); raises
     [`SiteError`][selfsup.site.SiteError].
 
     ``root`` holds the data (catalog/, taxonomy/, benchmarks/results/), ``templates`` the jinja2
@@ -728,8 +722,18 @@ def render_pages(
             """Browser URL from this page to another page, for raw HTML and diagrams."""
             return relative_url(_src, target, use_directory_urls)
 
+        def local_graph(entry_id: str, _url=url) -> str:
+            """The entry's ancestors and descendants as inline HTML ("" when it has none)."""
+            g = model.local_graphs.get(entry_id)
+            if g is None:
+                return ""
+            return site_lineage.local_html(g, lambda i: _url(entry_page(i)), model.family_colours)
+
         template = env.get_template(page.template)
-        out[page.path] = template.render(m=model, rel=rel, url=url, page=page.path, **page.context)
+        out[page.path] = template.render(
+            m=model, rel=rel, url=url, page=page.path, local_graph=local_graph, **page.context
+        )
+    out[site_lineage.DATA_FILE] = site_lineage.data_script(model.lineage)
     return out
 
 

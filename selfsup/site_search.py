@@ -70,7 +70,7 @@ def plain_text(value: str) -> str:
 SYNONYMS: dict[str, list[str]] = {
     "masked-image-modeling": ["MIM", "masked image modeling", "masked image modelling"],
     "masked-modeling": ["masked modeling", "masked modelling", "masked prediction"],
-    "non-contrastive": ["non-contrastive", "negative-free"],
+    "non-contrastive": ["non-contrastive", "negative-free", "no negatives", "without negatives"],
     "self-distillation": ["self-distillation", "teacher-student", "student teacher"],
     "momentum-encoder": ["momentum encoder", "EMA teacher", "exponential moving average", "mean teacher"],
     "contrastive": ["contrastive", "InfoNCE", "instance discrimination"],

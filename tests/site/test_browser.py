@@ -295,17 +295,105 @@ def test_every_loss_renders_with_katex(page, built_site):
     assert not errors, "KaTeX cannot render:\n" + "\n".join(f"{k}: {v}" for k, v in errors.items())
 
 
-def test_lineage_and_taxonomy_diagrams_render(page, built_site, artifacts):
-    for path, name in [("lineage/", "lineage"), ("taxonomy/", "taxonomy")]:
-        page.open(path)
-        if page.tab.locator("pre.mermaid, div.mermaid").count() == 0:
-            continue  # no builds_on links between methods yet
-        # mkdocs-material replaces each <pre class="mermaid"> by a <div class="mermaid"> holding the SVG
-        page.tab.wait_for_selector("div.mermaid")
-        box = page.tab.locator("div.mermaid").first.bounding_box()
-        assert box and box["height"] > 100 and box["width"] > 100
-        page.tab.screenshot(path=str(artifacts / f"{name}.png"), full_page=True)
+def _lineage(page) -> None:
+    page.tab.wait_for_selector('#lineage-graph[data-state="ready"]')
+
+
+def _shown(page) -> list[dict]:
+    return page.tab.evaluate(
+        """() => document.getElementById("lineage-graph").cy.nodes()
+            .filter(n => n.style("display") === "element").map(n => n.data())"""
+    )
+
+
+def test_lineage_graph_renders_filters_and_opens_a_page(page, built_site, artifacts):
+    page.open("lineage/")
+    _lineage(page)
+    box = page.tab.locator("#lineage-graph").bounding_box()
+    assert box["width"] > 800 and box["height"] > 400
+    assert page.tab.locator("#lineage-graph canvas").count() > 0
+    everything = _shown(page)
+    linked = {i for e in built_site.catalog for p in e.builds_on for i in (p, e.id)}
+    assert {n["id"] for n in everything} == linked
+    assert page.tab.inner_text("#lineage-count") == str(len(linked))
+    page.tab.screenshot(path=str(artifacts / "lineage.png"))
+
+    # families: unchecking one hides its papers; years: a range keeps the papers inside it
+    page.tab.uncheck('#lineage-filters input[name="family"][value="contrastive"]')
+    shown = _shown(page)
+    assert shown and len(shown) < len(everything) and all(n["family"] != "contrastive" for n in shown)
+    assert page.tab.inner_text("#lineage-count") == str(len(shown))
+    page.tab.fill('#lineage-filters input[name="from"]', "2021")
+    page.tab.dispatch_event('#lineage-filters input[name="from"]', "change")
+    assert all(n["year"] >= 2021 and n["family"] != "contrastive" for n in _shown(page))
+    page.tab.select_option('#lineage-filters select[name="modality"]', "video")
+    assert all("video" in n["modalities"] for n in _shown(page))
+    page.tab.click('#lineage-filters button[type="reset"]')
+    page.tab.wait_for_function(f'document.getElementById("lineage-count").textContent === "{len(linked)}"')
+
+    # the layered layout lays out the same papers
+    page.tab.select_option('#lineage-filters select[name="layout"]', "dagre")
+    assert len(_shown(page)) == len(everything)
+
+    # find a paper, then click it: its page opens
+    page.tab.fill('#lineage-filters input[name="find"]', "SimCLR")
+    focused = page.tab.evaluate('document.getElementById("lineage-graph").cy.$(".focus").map(n => n.id())')
+    assert focused == ["simclr"]
+    page.tab.screenshot(path=str(artifacts / "lineage-simclr.png"))
+    pos = page.tab.evaluate('document.getElementById("lineage-graph").cy.getElementById("simclr").renderedPosition()')
+    box = page.tab.locator("#lineage-graph").bounding_box()
+    page.tab.mouse.click(box["x"] + pos["x"], box["y"] + pos["y"])
+    page.tab.wait_for_url("**/papers/simclr/")
     page.assert_clean()
+
+
+def test_lineage_focus_from_the_url(page, built_site):
+    page.open("lineage/?focus=moco&family=contrastive,distillation")
+    _lineage(page)
+    assert page.tab.evaluate('document.getElementById("lineage-graph").cy.$(".focus").map(n => n.id())') == ["moco"]
+    assert {n["family"] for n in _shown(page)} <= {"contrastive", "distillation"}
+    page.assert_clean()
+
+
+def test_entry_page_local_lineage_links_work(page, built_site, artifacts):
+    page.open("papers/simclr-v2/")
+    graph = page.tab.locator(".lineage-local")
+    graph.scroll_into_view_if_needed()
+    box = graph.bounding_box()
+    assert box and box["width"] > 200 and box["height"] >= 30
+    graph.screenshot(path=str(artifacts / "local-lineage.png"))
+    page.tab.click('.lineage-local a.lineage-node[href$="/simclr/"]')  # instant navigation makes it absolute
+    page.tab.wait_for_url("**/papers/simclr/")
+    page.tab.wait_for_selector(".lineage-local .lineage-centre")
+    page.assert_clean()
+
+
+def test_taxonomy_tree_links_every_family(page, built_site):
+    page.open("taxonomy/")
+    links = page.tab.locator(".taxonomy-tree a")
+    assert links.count() >= len(built_site.catalog.taxonomy.families)
+    page.assert_clean()
+
+
+PAGE_WEIGHT_LIMIT = 1_500_000  # bytes a cold load of an entry page may fetch (uncompressed)
+
+
+def test_cold_entry_page_load_is_light(page, built_site, artifacts):
+    """Everything a first visit to an entry page fetches (HTML, styles, scripts, fonts, the search index),
+    summed over the responses' bodies: for SimCLR's page and for the heaviest entry page."""
+    heaviest = max(built_site.catalog, key=lambda e: built_site.page(e.id).stat().st_size).id
+    weights = {}
+    for entry_id in dict.fromkeys(["simclr", heaviest]):
+        context = page.context.browser.new_context()
+        tab = context.new_page()
+        sizes: dict[str, int] = {}
+        tab.on("response", lambda r, sizes=sizes: sizes.__setitem__(r.url, len(r.body()) if r.ok else 0))
+        tab.goto(f"{page.base_url}papers/{entry_id}/", wait_until="networkidle")
+        tab.wait_for_timeout(500)
+        weights[entry_id] = sum(sizes.values())
+        context.close()
+    (artifacts / "page-weight.txt").write_text("".join(f"{k}: {v} bytes\n" for k, v in weights.items()))
+    assert all(w < PAGE_WEIGHT_LIMIT for w in weights.values()), weights
 
 
 def test_pages_load_without_errors(page, built_site, artifacts):

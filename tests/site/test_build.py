@@ -130,11 +130,7 @@ def test_no_broken_internal_links(built_site):
     broken = []
     for page in pages:
         base = url_of(out, page)
-        text = page.read_text(encoding="utf-8")
         links = parse(page).links
-        # Mermaid diagrams link their nodes with `click ID href "URL"`; check those too.
-        links += [html.unescape(u) for u in re.findall(r"click \w+ href &quot;([^&]+)&quot;", text)]
-        links += re.findall(r'click \w+ href "([^"]+)"', text)
         for href in links:
             if href.startswith(("mailto:", "javascript:", "data:")):
                 continue
@@ -178,10 +174,13 @@ def test_no_cdn(built_site):
     for asset in (
         "katex/katex.min.js",
         "katex/contrib/auto-render.min.js",
-        "mermaid/mermaid.min.js",
+        "cytoscape/cytoscape.min.js",
+        "cytoscape-dagre/cytoscape-dagre.min.js",
         "tablesort/tablesort.min.js",
         "katex/LICENSE",
-        "mermaid/LICENSE",
+        "cytoscape/LICENSE",
+        "cytoscape-dagre/LICENSE",
+        "cytoscape-dagre/LICENSE.dagre",
         "tablesort/LICENSE",
         "iframe-worker/shim.js",
         "iframe-worker/LICENSE",
@@ -366,3 +365,58 @@ def test_build_refuses_a_directory_it_does_not_own(tmp_path, hostile_root, refus
     for data in (hostile_root / "catalog", hostile_root / "taxonomy" / "new", site.cat.ROOT / "catalog"):
         refused(hostile_root, data, "is or is inside")
     assert not (hostile_root / "taxonomy" / "new").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Lineage
+
+
+def lineage_data(built_site) -> dict:
+    text = (built_site.out / "assets" / "generated" / "lineage-data.js").read_text(encoding="utf-8")
+    prefix = "window.SELFSUP_LINEAGE = "
+    assert text.startswith(prefix)
+    return json.loads(text[len(prefix):].rstrip().rstrip(";"))
+
+
+def test_lineage_data_matches_the_catalog(built_site):
+    """Every builds_on link is an edge, every node is named (not its id) and its URL opens its page."""
+    data = lineage_data(built_site)
+    catalog = built_site.catalog
+    want = sorted([p, e.id] for e in catalog for p in e.builds_on)
+    assert sorted(data["edges"]) == want
+    ids = {n["id"] for n in data["nodes"]}
+    assert ids == {i for edge in want for i in edge}
+    base = url_of(built_site.out, built_site.out / "lineage" / "index.html")
+    for n in data["nodes"]:
+        entry = catalog.entries[n["id"]]
+        assert n["name"] == site.display_name(entry) and n["year"] == entry.year
+        assert target_file(built_site.out, urljoin(base, n["url"])) == built_site.page(n["id"])
+    fams = {f["id"] for f in data["families"]}
+    assert {n["family"] for n in data["nodes"]} <= fams
+
+
+def test_simclr_has_its_predecessors(built_site):
+    assert {"instdisc", "cpc"} <= set(built_site.catalog.entries["simclr"].builds_on)
+
+
+def test_heavy_scripts_only_where_used(built_site):
+    """No page loads Mermaid or Cytoscape by a script tag: lineage.js loads Cytoscape on the lineage page."""
+    for page in built_site.out.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r'class="mermaid"|mermaid(\.min)?\.js', text), page
+        assert not re.search(r"<script[^>]+cytoscape", text), page
+    lineage = (built_site.out / "lineage" / "index.html").read_text(encoding="utf-8")
+    assert 'id="lineage-graph"' in lineage and "lineage.js" in lineage
+
+
+def test_entry_pages_show_their_local_lineage(built_site):
+    page = built_site.page("simclr-v2")
+    text = page.read_text(encoding="utf-8")
+    local = re.search(r'<div class="lineage-local".*?</div>', text, re.S).group(0)
+    for parent in ("simclr", "moco"):
+        assert f'href="../{parent}/"' in local, parent
+    assert 'class="lineage-node lineage-centre"' in local
+    assert "marker-end" in local
+    # an entry without links has no local graph
+    lonely = next(e.id for e in built_site.catalog if not e.builds_on and not built_site.catalog.built_upon_by(e.id))
+    assert 'class="lineage-local"' not in built_site.page(lonely).read_text(encoding="utf-8")
