@@ -84,6 +84,12 @@ class Result(BaseModel):
     backbone: str | None = Field(default=None, description="e.g. resnet50, vit-b16.")
     epochs: int | None = Field(default=None, ge=1, description="Pretraining epochs.")
     source: str = Field(min_length=1, description="Where in the paper: 'Table 1', 'Sec. 4.2'.")
+    pretrain_data: str | None = Field(
+        default=None, description="What the model was pretrained on: an id from taxonomy/pretrain_data.yaml."
+    )
+    pretrain_labels: bool = Field(
+        default=False, description="Pretraining used the labels (supervised or semi-supervised pretraining)."
+    )
     notes: str | None = None
 
 
@@ -218,6 +224,7 @@ class Taxonomy:
     modalities: list[dict[str, Any]]
     kinds: list[dict[str, Any]]
     benchmarks: list[dict[str, Any]]
+    pretrain_data: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def family_ids(self) -> list[str]:
@@ -417,6 +424,7 @@ def load_taxonomy(root: Path = ROOT) -> Taxonomy:
         modalities=section("modalities"),
         kinds=section("kinds"),
         benchmarks=section("benchmarks"),
+        pretrain_data=section("pretrain_data"),
     )
 
 
@@ -539,6 +547,9 @@ def check_entry(entry: Entry, display: str, tax: Taxonomy, root: Path) -> list[P
         if entry.family is None:
             bad("family", "a method entry belongs to a family")
     for i, res in enumerate(entry.results):
+        data_ids = [d["id"] for d in tax.pretrain_data]
+        if res.pretrain_data is not None and res.pretrain_data not in data_ids:
+            bad(f"results[{i}].pretrain_data", f"unknown pretraining data {_short(res.pretrain_data)}; expected one of {', '.join(data_ids)}")
         if res.benchmark not in tax.benchmark_ids:
             bad(f"results[{i}].benchmark", f"unknown benchmark {_short(res.benchmark)}; expected one of {', '.join(tax.benchmark_ids)}")
     if entry.implementation is not None:

@@ -317,6 +317,19 @@ class FamilyView:
     n_entries: int
 
 
+# The reported-results page's default view: rows pretrained without labels on this data.
+COMPARABLE_DATA = "imagenet-1k"
+
+
+@dataclass
+class ReportedRow:
+    v: EntryView
+    result: cat.Result
+    labels: bool  # pretraining used labels (the result says so, or the entry is supervised contrastive)
+    data: str | None  # the pretraining data's name; None when the catalog does not say
+    comparable: bool  # no labels and ImageNet-1k: shown by default
+
+
 @dataclass
 class SiteModel:
     catalog: cat.Catalog
@@ -337,7 +350,7 @@ class SiteModel:
     local_graphs: dict[str, site_lineage.LocalGraph]  # entry id -> its ancestors and descendants
     family_colours: dict[str | None, str]
     isolated_methods: list[EntryView]
-    reported: list[tuple[dict[str, Any], list[tuple[EntryView, cat.Result]]]]
+    reported: list[tuple[dict[str, Any], list[ReportedRow]]]  # per benchmark, comparable rows first
     api_modules: list[str]
     kind_counts: dict[str, int]
     modality_counts: dict[str, int]
@@ -345,6 +358,7 @@ class SiteModel:
     methods: list[EntryView] = field(default_factory=list)  # kind == method, by family then year
     use_directory_urls: bool = True
     family_by_id: dict[str, FamilyView] = field(default_factory=dict)
+    pretrain_names: dict[str, str] = field(default_factory=dict)  # taxonomy/pretrain_data.yaml id -> name
     repo_url: str | None = None  # mkdocs' repo_url ($SELFSUP_REPO_URL): implementation links open there
 
     def source_url(self, path: str) -> str | None:
@@ -501,11 +515,20 @@ def build_model(
             local_graphs[i] = g
     methods = [v for v in views if v.entry.kind == "method"]
 
+    # Reported results: comparable rows (no labels in pretraining, ImageNet-1k) are the page's default view.
+    data_names = {d["id"]: d["name"] for d in tax.pretrain_data}
     reported = []
     for b in tax.benchmarks:
-        rows = [(v, r) for v in views for r in v.entry.results if r.benchmark == b["id"]]
+        rows = []
+        for v in views:
+            for r in v.entry.results:
+                if r.benchmark != b["id"]:
+                    continue
+                labels = r.pretrain_labels or (v.subfamily is not None and v.subfamily["id"] == "supervised")
+                data = data_names.get(r.pretrain_data) if r.pretrain_data else None
+                rows.append(ReportedRow(v, r, labels, data, not labels and r.pretrain_data == COMPARABLE_DATA))
         if rows:
-            rows.sort(key=lambda vr: (vr[1].metric, -vr[1].value))
+            rows.sort(key=lambda x: (not x.comparable, x.result.metric, -x.result.value))
             reported.append((b, rows))
 
     present_start = [by_id[i] for i in START_HERE if i in by_id]
@@ -538,6 +561,7 @@ def build_model(
         family_colours=site_lineage.family_colours([f["id"] for f in tax.families]),
         isolated_methods=[v for v in methods if v.entry.id not in connected],
         reported=reported,
+        pretrain_names={d["id"]: d["name"] for d in tax.pretrain_data},
         api_modules=[m for m in API_MODULES if module_exists(code_root, m)],
         kind_counts={k["id"]: sum(v.entry.kind == k["id"] for v in views) for k in tax.kinds},
         modality_counts={m["id"]: sum(m["id"] in v.entry.modalities for v in views) for m in tax.modalities},

@@ -577,3 +577,22 @@ def test_offline_build_reads_from_file_urls(browser, offline_site, artifacts):
         page.assert_clean()
     finally:
         page.context.close()
+
+
+def test_reported_results_default_to_comparable_rows(page, built_site, artifacts):
+    results = [(e, r) for e in built_site.catalog for r in e.results]
+    page.open("compare/reported/")
+    rows = page.tab.locator("tr[data-comparable]")
+    assert rows.count() == len(results)
+    comparable = page.tab.locator('tr[data-comparable="1"]').count()
+    assert page.tab.locator("tr[data-comparable]:visible").count() == comparable
+    assert page.tab.inner_text("#reported-shown") == str(comparable)
+    # the tables fit their column: nothing hidden to the right
+    for table in page.tab.locator(".reported-table table").all()[:3]:
+        assert table.evaluate("t => t.scrollWidth <= t.parentElement.clientWidth + 1")
+    page.tab.screenshot(path=str(artifacts / "reported.png"), full_page=True)
+    page.tab.uncheck("#reported-comparable")
+    assert page.tab.locator("tr[data-comparable]:visible").count() == len(results)
+    page.open("compare/reported/?all=1")
+    assert page.tab.locator("tr[data-comparable]:visible").count() == len(results)
+    page.assert_clean()

@@ -420,3 +420,32 @@ def test_entry_pages_show_their_local_lineage(built_site):
     # an entry without links has no local graph
     lonely = next(e.id for e in built_site.catalog if not e.builds_on and not built_site.catalog.built_upon_by(e.id))
     assert 'class="lineage-local"' not in built_site.page(lonely).read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reported results
+
+
+def test_reported_rows_say_data_and_labels(built_site):
+    """Every reported result is a row; only label-free ImageNet-1k rows are marked comparable."""
+    text = (built_site.out / "compare" / "reported" / "index.html").read_text(encoding="utf-8")
+    rows = re.findall(r'<tr data-comparable="([01])">(.*?)</tr>', text, re.S)
+    results = [(e, r) for e in built_site.catalog for r in e.results]
+    assert len(rows) == len(results)
+    names = {d["id"]: d["name"] for d in built_site.catalog.taxonomy.pretrain_data}
+    want = sum(
+        r.pretrain_data == "imagenet-1k" and not r.pretrain_labels and e.subfamily != "supervised"
+        for e, r in results
+    )
+    assert sum(flag == "1" for flag, _ in rows) == want
+    for flag, row in rows:
+        cells = [html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<td>(.*?)</td>", row, re.S)]
+        data, labels = cells[-3], cells[-2]
+        assert labels in {"yes", "no"} and (data == "?" or data in names.values())
+        if flag == "1":
+            assert data == names["imagenet-1k"] and labels == "no"
+    supervised = [e.id for e in built_site.catalog if e.subfamily == "supervised" and e.results]
+    for entry_id in supervised:  # e.g. SupCon: marked as using labels, never in the default view
+        for flag, row in rows:
+            if f'href="../../papers/{entry_id}/"' in row:
+                assert flag == "0" and "<td>yes</td>" in row
