@@ -758,7 +758,26 @@ def render_pages(
             m=model, rel=rel, url=url, page=page.path, local_graph=local_graph, **page.context
         )
     out[site_lineage.DATA_FILE] = site_lineage.data_script(model.lineage)
+    out[PAPERS_DATA_FILE] = site_lineage.data_script(papers_export(model), "SELFSUP_PAPERS")
     return out
+
+
+# What the paper index exports (BibTeX, CSV, JSON of the papers its filters show), loaded on a click.
+PAPERS_DATA_FILE = "assets/generated/papers-data.js"
+
+
+def papers_export(model: SiteModel) -> list[dict[str, Any]]:
+    """One record per entry, in the index's order: the facts of the catalog and its BibTeX."""
+    return [
+        {
+            "id": e.id, "name": v.name, "title": v.title_text, "authors": e.authors, "year": e.year,
+            "venue": e.venue, "arxiv": e.arxiv, "doi": e.doi, "url": e.url, "code": e.code, "kind": e.kind,
+            "family": e.family, "subfamily": e.subfamily, "modalities": e.modalities,
+            "implementation": e.implementation, "bibtex": v.bibtex,
+        }
+        for v in model.entries
+        for e in [v.entry]
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -97,13 +97,13 @@ def graph_data(
     }
 
 
-def data_script(data: dict) -> str:
-    """The graph as a script that sets ``window.SELFSUP_LINEAGE`` (a script, not a fetched JSON file:
-    browsers refuse fetch() on file:// pages). ``<``, ``>`` and ``&`` are escaped so no catalog string
-    can end a script element wherever the text is embedded."""
+def data_script(data: dict | list, name: str = "SELFSUP_LINEAGE") -> str:
+    """Data as a script that sets ``window.<name>`` (a script, not a fetched JSON file: browsers refuse
+    fetch() on file:// pages). ``<``, ``>`` and ``&`` are escaped so no catalog string can end a script
+    element wherever the text is embedded."""
     text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), sort_keys=False)
     text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return f"window.SELFSUP_LINEAGE = {text};\n"
+    return f"window.{name} = {text};\n"
 
 
 # --------------------------------------------------------------------------------------------

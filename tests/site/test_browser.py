@@ -596,3 +596,31 @@ def test_reported_results_default_to_comparable_rows(page, built_site, artifacts
     page.open("compare/reported/?all=1")
     assert page.tab.locator("tr[data-comparable]:visible").count() == len(results)
     page.assert_clean()
+
+
+def test_paper_index_exports_the_filtered_list(page, built_site, artifacts):
+    import csv
+    import io
+    import json
+
+    page.open("papers/?family=contrastive&implemented=1")
+    page.tab.wait_for_selector("#paper-index")
+    shown = page.tab.evaluate(
+        'Array.from(document.querySelectorAll("#paper-index tbody tr")).filter(r => !r.hidden).map(r => r.dataset.id)'
+    )
+    want = [e.id for e in built_site.catalog if e.implementation and "contrastive" in [e.family, *e.also]]
+    assert shown and sorted(shown) == sorted(want)
+    rows = list(csv.DictReader(io.StringIO(page.tab.evaluate('selfsupExport("csv")'))))
+    assert [r["id"] for r in rows] == shown
+    assert all(r["title"] and r["year"].isdigit() for r in rows)
+    records = json.loads(page.tab.evaluate('selfsupExport("json")'))
+    assert [r["id"] for r in records] == shown
+    entry = built_site.catalog.entries[shown[0]]
+    assert records[0]["authors"] == entry.authors and records[0]["arxiv"] == entry.arxiv
+    bib = page.tab.evaluate('selfsupExport("bib")')
+    assert bib.count("\n@") + bib.startswith("@") == len(shown)
+    with page.tab.expect_download() as download:
+        page.tab.click('#paper-export button[data-export="bib"]')
+    assert download.value.suggested_filename == "selfsup-papers.bib"
+    assert Path(download.value.path()).read_text(encoding="utf-8") == bib
+    page.assert_clean()

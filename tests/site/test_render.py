@@ -200,8 +200,9 @@ def to_html():
 
 def test_catalog_strings_cannot_become_markup(hostile_root, hazards, to_html):
     pages = render(hostile_root)
-    data = pages.pop("assets/generated/lineage-data.js")  # a script, not Markdown: no markup character in it
-    assert "hostile" in data and not set("<>&") & set(data)
+    for name in ("lineage-data.js", "papers-data.js"):  # scripts, not Markdown: no markup character in them
+        data = pages.pop(f"assets/generated/{name}")
+        assert "hostile" in data and not set("<>&") & set(data), name
     for path, text in pages.items():
         assert hazards(to_html(text)) == [], path
     page = to_html(pages["papers/hostile.md"])
