@@ -702,6 +702,7 @@ def plan_pages(model: SiteModel) -> list[Page]:
         Page("compare/properties.md", "properties.md.j2", {}),
         Page("compare/reported.md", "reported.md.j2", {}),
         Page("compare/measured.md", "measured.md.j2", {}),
+        Page("compare/methods.md", "compare.md.j2", {}),
         Page("methods/index.md", "methods.md.j2", {}),
         Page("api.md", "api.md.j2", {}),
     ]
@@ -759,7 +760,46 @@ def render_pages(
         )
     out[site_lineage.DATA_FILE] = site_lineage.data_script(model.lineage)
     out[PAPERS_DATA_FILE] = site_lineage.data_script(papers_export(model), "SELFSUP_PAPERS")
+    out[METHODS_DATA_FILE] = site_lineage.data_script(methods_compare(model), "SELFSUP_METHODS")
     return out
+
+
+# What the compare page shows side by side, loaded only there (assets/js/compare.js).
+METHODS_DATA_FILE = "assets/generated/methods-data.js"
+
+
+def methods_compare(model: SiteModel) -> dict[str, Any]:
+    """The comparison properties (id, name), and per method entry: facts, property values, objective,
+    reported and measured results, code; URLs are relative to the compare page."""
+    here = "compare/methods.md"
+    use_dirs = model.use_directory_urls
+    out = []
+    for v in model.methods:
+        e = v.entry
+        out.append({
+            "id": e.id, "name": v.name, "title": v.title_text, "year": e.year,
+            "url": relative_url(here, v.page, use_dirs),
+            "family": v.family["name"] if v.family else None,
+            "subfamily": v.subfamily["name"] if v.subfamily else None,
+            "key_idea": e.key_idea, "loss_latex": e.loss_latex,
+            "properties": {pv.prop.id: pv.text for pv in v.properties},
+            "reported": [
+                {"benchmark": b["name"], "metric": r.metric, "value": r.value, "backbone": r.backbone,
+                 "epochs": r.epochs, "data": model.pretrain_names.get(r.pretrain_data or ""),
+                 "labels": r.pretrain_labels, "source": r.source}
+                for r, b in v.results
+            ],
+            "measured": [
+                {"benchmark": ms.data.title, "backbone": row.backbone, "knn_top1": row.knn_top1,
+                 "random_init_knn_top1": row.random_init_knn_top1, "linear_top1": row.linear_top1}
+                for ms, row in v.measured
+                if row.knn_top1 is not None
+            ],
+            "implementation": e.implementation,
+            "code_url": (relative_url(here, v.page, use_dirs) + "#implementation") if e.implementation else None,
+            "official_code": e.code,
+        })
+    return {"properties": [{"id": p.id, "name": p.name} for p in model.taxonomy.properties], "methods": out}
 
 
 # What the paper index exports (BibTeX, CSV, JSON of the papers its filters show), loaded on a click.

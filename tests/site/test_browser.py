@@ -624,3 +624,36 @@ def test_paper_index_exports_the_filtered_list(page, built_site, artifacts):
     assert download.value.suggested_filename == "selfsup-papers.bib"
     assert Path(download.value.path()).read_text(encoding="utf-8") == bib
     page.assert_clean()
+
+
+def test_compare_view_side_by_side(page, built_site, artifacts):
+    methods = [e for e in built_site.catalog if e.kind == "method"]
+    page.open("compare/methods/?m=simclr,byol")
+    page.tab.wait_for_selector('#compare-table[data-state="ready"] table')
+    heads = page.tab.locator("#compare-table thead th").all_inner_texts()
+    assert len(heads) == 3 and heads[1].startswith("SimCLR") and heads[2].startswith("BYOL")
+    rows = page.tab.locator("#compare-table tbody th").all_inner_texts()
+    for prop in built_site.catalog.taxonomy.properties:
+        assert prop.name in rows
+    assert page.tab.locator("#compare-table .katex").count() >= 2  # both objectives rendered
+    # SimCLR has negatives, BYOL has none: that row is marked as differing
+    negatives = page.tab.locator("#compare-table tbody tr", has=page.tab.locator("th", has_text="Negatives"))
+    assert "compare-differs" in (negatives.first.get_attribute("class") or "")
+    # add from the picker, remove with a chip; the address follows
+    page.tab.fill('#compare-picker input[name="pick"]', "Barlow Twins")
+    page.tab.click('#compare-picker button[name="add"]')
+    page.tab.wait_for_function('new URLSearchParams(location.search).get("m") === "simclr,byol,barlow-twins"')
+    assert page.tab.locator("#compare-table thead th").count() == 4
+    page.tab.screenshot(path=str(artifacts / "compare.png"), full_page=True)
+    page.tab.click('#compare-chosen button[data-id="byol"]')
+    page.tab.wait_for_function('new URLSearchParams(location.search).get("m") === "simclr,barlow-twins"')
+    assert page.tab.locator("#compare-table thead th").count() == 3
+    assert len(methods) > 4
+    page.open(f"compare/methods/?m={','.join(e.id for e in methods[:6])}")  # at most four
+    page.tab.wait_for_selector('#compare-table[data-state="ready"] table')
+    assert page.tab.locator("#compare-table thead th").count() == 5
+    # a method page links its comparison
+    page.open("papers/byol/")
+    page.tab.click('a[href*="compare/methods/?m=byol"]')
+    page.tab.wait_for_selector('#compare-chosen button[data-id="byol"]')
+    page.assert_clean()
