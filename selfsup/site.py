@@ -19,6 +19,7 @@ resolved from the repository root), never pasted. [`build`][selfsup.site.build] 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -37,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfsup import catalog as cat
-from selfsup import site_lineage, site_search, site_tables
+from selfsup import site_data, site_lineage, site_search, site_tables
 
 # Modules documented on the API page, in this order. Adding a module is a one-line change here;
 # modules that do not exist (yet) in the repository are skipped.
@@ -758,66 +759,11 @@ def render_pages(
         out[page.path] = template.render(
             m=model, rel=rel, url=url, page=page.path, local_graph=local_graph, **page.context
         )
-    out[site_lineage.DATA_FILE] = site_lineage.data_script(model.lineage)
-    out[PAPERS_DATA_FILE] = site_lineage.data_script(papers_export(model), "SELFSUP_PAPERS")
-    out[METHODS_DATA_FILE] = site_lineage.data_script(methods_compare(model), "SELFSUP_METHODS")
+    out[site_lineage.DATA_FILE] = site_data.script(model.lineage, "SELFSUP_LINEAGE")
+    out[site_data.PAPERS_FILE] = site_data.script(site_data.papers_export(model), "SELFSUP_PAPERS")
+    compare_url = functools.partial(relative_url, site_data.COMPARE_PAGE, use_directory_urls=use_directory_urls)
+    out[site_data.METHODS_FILE] = site_data.script(site_data.methods_compare(model, compare_url), "SELFSUP_METHODS")
     return out
-
-
-# What the compare page shows side by side, loaded only there (assets/js/compare.js).
-METHODS_DATA_FILE = "assets/generated/methods-data.js"
-
-
-def methods_compare(model: SiteModel) -> dict[str, Any]:
-    """The comparison properties (id, name), and per method entry: facts, property values, objective,
-    reported and measured results, code; URLs are relative to the compare page."""
-    here = "compare/methods.md"
-    use_dirs = model.use_directory_urls
-    out = []
-    for v in model.methods:
-        e = v.entry
-        out.append({
-            "id": e.id, "name": v.name, "title": v.title_text, "year": e.year,
-            "url": relative_url(here, v.page, use_dirs),
-            "family": v.family["name"] if v.family else None,
-            "subfamily": v.subfamily["name"] if v.subfamily else None,
-            "key_idea": e.key_idea, "loss_latex": e.loss_latex,
-            "properties": {pv.prop.id: pv.text for pv in v.properties},
-            "reported": [
-                {"benchmark": b["name"], "metric": r.metric, "value": r.value, "backbone": r.backbone,
-                 "epochs": r.epochs, "data": model.pretrain_names.get(r.pretrain_data or ""),
-                 "labels": r.pretrain_labels, "source": r.source}
-                for r, b in v.results
-            ],
-            "measured": [
-                {"benchmark": ms.data.title, "backbone": row.backbone, "knn_top1": row.knn_top1,
-                 "random_init_knn_top1": row.random_init_knn_top1, "linear_top1": row.linear_top1}
-                for ms, row in v.measured
-                if row.knn_top1 is not None
-            ],
-            "implementation": e.implementation,
-            "code_url": (relative_url(here, v.page, use_dirs) + "#implementation") if e.implementation else None,
-            "official_code": e.code,
-        })
-    return {"properties": [{"id": p.id, "name": p.name} for p in model.taxonomy.properties], "methods": out}
-
-
-# What the paper index exports (BibTeX, CSV, JSON of the papers its filters show), loaded on a click.
-PAPERS_DATA_FILE = "assets/generated/papers-data.js"
-
-
-def papers_export(model: SiteModel) -> list[dict[str, Any]]:
-    """One record per entry, in the index's order: the facts of the catalog and its BibTeX."""
-    return [
-        {
-            "id": e.id, "name": v.name, "title": v.title_text, "authors": e.authors, "year": e.year,
-            "venue": e.venue, "arxiv": e.arxiv, "doi": e.doi, "url": e.url, "code": e.code, "kind": e.kind,
-            "family": e.family, "subfamily": e.subfamily, "modalities": e.modalities,
-            "implementation": e.implementation, "bibtex": v.bibtex,
-        }
-        for v in model.entries
-        for e in [v.entry]
-    ]
 
 
 # --------------------------------------------------------------------------------------------

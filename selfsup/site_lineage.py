@@ -9,7 +9,6 @@ over SVG arrows: no script, a few kilobytes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from html import escape
@@ -95,15 +94,6 @@ def graph_data(
         ],
         "edges": [list(e) for e in edges],
     }
-
-
-def data_script(data: dict | list, name: str = "SELFSUP_LINEAGE") -> str:
-    """Data as a script that sets ``window.<name>`` (a script, not a fetched JSON file: browsers refuse
-    fetch() on file:// pages). ``<``, ``>`` and ``&`` are escaped so no catalog string can end a script
-    element wherever the text is embedded."""
-    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), sort_keys=False)
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return f"window.{name} = {text};\n"
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+from selfsup import site_data
 from selfsup import site_lineage as sl
 
 
@@ -92,7 +93,7 @@ def test_graph_data_holds_connected_entries_and_used_vocabularies():
 
 def test_data_script_escapes_markup_and_round_trips():
     data = {"nodes": [{"name": "</script><b>&"}]}
-    text = sl.data_script(data)
+    text = site_data.script(data, "SELFSUP_LINEAGE")
     assert "<" not in text and ">" not in text and "&" not in text
     prefix = "window.SELFSUP_LINEAGE = "
     assert text.startswith(prefix)
