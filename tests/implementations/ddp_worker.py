@@ -75,6 +75,8 @@ class Case:
     """``(cfg, n) -> batch`` with the global batch of n samples, instead of :func:`generic_batch`."""
     backbone: Callable[[], nn.Module] | None = None
     """A backbone with ``feature_dim``, instead of :func:`tiny_backbone` (e.g. a ViT for masking)."""
+    grad_atol: float = 1e-6
+    """Absolute tolerance of the gradient comparison (a missing 1/world_size is off by half, far above it)."""
 
 
 CASES: dict[str, Case] = {
@@ -124,7 +126,9 @@ CASES: dict[str, Case] = {
     "mean-shift": Case(overrides={"bank_size": "16", "topk": "2"}),
     # IterNorm whitens groups of 64 features: 2 groups of 4 of the 8-d embedding, so that the check covers a
     # whitening over the global batch of 8 (with 64 groups each feature would only be standardised)
-    "vibcreg": Case(overrides={"iternorm_groups": "2"}),
+    # IterNorm's Newton iterations amplify float32 summation-order noise: one gradient of 512 came out 2.5e-6
+    # off in a CI run, so its gradients are compared at 1e-5
+    "vibcreg": Case(overrides={"iternorm_groups": "2"}, grad_atol=1e-5),
     # Shuffled-DBN whitens without a ridge: with BN stripped the projections' std is ~0.015 and the whitening's
     # gradients scale as 1/std, so bias gradients that centring makes exactly 0 carry float32 noise above the
     # tolerance; inputs x20 and 4-d outputs in 2 shuffled groups of 2 keep it at ~0.3 of it
