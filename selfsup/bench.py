@@ -42,8 +42,22 @@ def row(results: dict) -> dict:
         "knn_top1": t.get("knn_top1"), "random_init_knn_top1": r.get("knn_top1"),
         "linear_top1": t.get("linear_top1"), "random_init_linear_top1": r.get("linear_top1"),
         "rankme": t.get("rankme"), "random_init_rankme": r.get("rankme"),
+        **{key: value for key, value in cluster_columns(t, r).items() if value is not None},
         "train_seconds": results["train_seconds"],
     }
+
+
+CLUSTER_METRICS = ("nmi", "ari", "cluster_acc")
+
+
+def cluster_columns(trained: dict, random_init: dict) -> dict:
+    """k-means cluster quality of the trained and the random-init features, and the method's own clusters."""
+    out = {}
+    for m in CLUSTER_METRICS:
+        out[f"kmeans_{m}"] = trained.get(f"kmeans_{m}")
+        out[f"random_init_kmeans_{m}"] = random_init.get(f"kmeans_{m}")
+        out[f"assign_{m}"] = trained.get(f"assign_{m}")
+    return out
 
 
 def run_benchmark(

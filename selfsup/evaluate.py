@@ -11,6 +11,10 @@
   (2020), Eqs. 4-5, on l2-normalised features.
 - [`feature_std`][selfsup.evaluate.feature_std]: mean per-dimension standard deviation of l2-normalised
   features; near 0 means every sample maps to the same point.
+- [`cluster_quality`][selfsup.evaluate.cluster_quality]: a clustering against the labels: NMI, ARI and
+  cluster accuracy under the best one-to-one matching of clusters to classes (Hungarian algorithm), of
+  k-means on the features ([`kmeans_labels`][selfsup.evaluate.kmeans_labels], k = the number of classes)
+  or of a method's own assignments.
 """
 
 from __future__ import annotations
@@ -158,3 +162,39 @@ def diagnostics(features: torch.Tensor, view_a: torch.Tensor | None = None, view
     if view_a is not None and view_b is not None:
         out["alignment"] = alignment(view_a, view_b)
     return out
+
+
+# --- clustering against the labels ----------------------------------------------------------------
+
+
+def kmeans_labels(x: torch.Tensor, k: int, seed: int = 0, n_init: int = 10) -> torch.Tensor:
+    """Cluster indices (N,) of k-means (scikit-learn's ``KMeans``, k-means++ and ``n_init`` restarts) on the
+    l2-normalised features x (N, D), the geometry of the k-NN evaluation."""
+    from sklearn.cluster import KMeans
+
+    z = F.normalize(x.double(), dim=1).numpy()
+    return torch.as_tensor(KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(z))
+
+
+def cluster_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of samples whose cluster is matched to their class, under the one-to-one matching of
+    clusters to classes that maximises it (Hungarian algorithm). With more clusters than classes, the
+    samples of unmatched clusters count as errors."""
+    from scipy.optimize import linear_sum_assignment
+
+    clusters = torch.unique(pred, return_inverse=True)[1]
+    classes = torch.unique(labels, return_inverse=True)[1]
+    counts = torch.zeros(int(clusters.max()) + 1, int(classes.max()) + 1, dtype=torch.long)
+    counts.index_put_((clusters, classes), torch.ones_like(clusters), accumulate=True)  # (P, C) co-occurrences
+    rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
+    return float(counts[rows, cols].sum()) / len(labels)
+
+
+def cluster_quality(pred: torch.Tensor, labels: torch.Tensor) -> dict:
+    """NMI (arithmetic normalisation, scikit-learn's default), ARI and cluster accuracy of cluster indices
+    pred (N,) against labels (N,)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    p, y = pred.numpy(), labels.numpy()
+    return {"nmi": float(normalized_mutual_info_score(y, p)), "ari": float(adjusted_rand_score(y, p)),
+            "cluster_acc": cluster_accuracy(pred, labels)}

@@ -44,6 +44,10 @@ Optional hooks, called when defined:
 ``on_epoch_start(epoch, total_epochs, features)``
     Before every epoch; ``features()`` returns embeddings of the whole training set in index order
     (computed with the evaluation transform), e.g. for DeepCluster's k-means or PCL's prototypes.
+``assign(images) -> (N,)``
+    A clustering method's own cluster index of each image (the nearest prototype, the argmax of a
+    cluster head); the evaluation scores it against the labels (NMI, ARI, cluster accuracy) beside
+    k-means on the embeddings.
 ``param_groups()``
     Parameter groups when a method needs its own (e.g. a frozen part, a different learning rate). Besides
     the optimizer's keys a group may set ``fixed_lr: True`` (the peak rate throughout, no warm-up or

@@ -89,7 +89,7 @@ class SiteError(Exception):
 class Metric:
     key: str
     name: str
-    kind: str  # "accuracy" (a fraction, shown in %), "number", "seconds", "step" (seconds per step), "ratio"
+    kind: str  # "accuracy" (a fraction, shown in %), "number", "score" (NMI, ARI), "seconds", "step" (s per step), "ratio"
 
 
 METRICS = [
@@ -98,6 +98,15 @@ METRICS = [
     Metric("linear_top1", "Linear top-1 (%)", "accuracy"),
     Metric("random_init_linear_top1", "Linear top-1, random init (%)", "accuracy"),
     Metric("rankme", "RankMe", "number"),
+    Metric("kmeans_nmi", "k-means NMI", "score"),
+    Metric("random_init_kmeans_nmi", "k-means NMI, random init", "score"),
+    Metric("kmeans_ari", "k-means ARI", "score"),
+    Metric("random_init_kmeans_ari", "k-means ARI, random init", "score"),
+    Metric("kmeans_cluster_acc", "k-means cluster acc. (%)", "accuracy"),
+    Metric("random_init_kmeans_cluster_acc", "k-means cluster acc., random init (%)", "accuracy"),
+    Metric("assign_nmi", "Own clusters NMI", "score"),
+    Metric("assign_ari", "Own clusters ARI", "score"),
+    Metric("assign_cluster_acc", "Own clusters acc. (%)", "accuracy"),
     Metric("train_seconds", "Train time (s)", "seconds"),
     Metric("pure_step_s", "Pure step (s)", "step"),
     Metric("train_step_device_s", "Train step, device views (s)", "step"),
@@ -121,6 +130,15 @@ class MeasuredRow(BaseModel):
     linear_top1: float | None = Field(default=None, ge=0, le=1)
     random_init_linear_top1: float | None = Field(default=None, ge=0, le=1)
     rankme: float | None = None
+    kmeans_nmi: float | None = Field(default=None, ge=0, le=1)
+    random_init_kmeans_nmi: float | None = Field(default=None, ge=0, le=1)
+    kmeans_ari: float | None = Field(default=None, ge=-1, le=1)
+    random_init_kmeans_ari: float | None = Field(default=None, ge=-1, le=1)
+    kmeans_cluster_acc: float | None = Field(default=None, ge=0, le=1)
+    random_init_kmeans_cluster_acc: float | None = Field(default=None, ge=0, le=1)
+    assign_nmi: float | None = Field(default=None, ge=0, le=1)
+    assign_ari: float | None = Field(default=None, ge=-1, le=1)
+    assign_cluster_acc: float | None = Field(default=None, ge=0, le=1)
     train_seconds: float | None = Field(default=None, ge=0)
     pure_step_s: float | None = Field(default=None, gt=0)
     train_step_device_s: float | None = Field(default=None, gt=0)
@@ -651,6 +669,8 @@ def _metric(value: float | None, metric: Metric | str) -> str:
         return f"{value:.3f}"
     if kind == "ratio":
         return f"{value:.2f}"
+    if kind == "score":
+        return f"{value:.3f}"
     return f"{value:.1f}"
 
 

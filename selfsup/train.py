@@ -719,7 +719,8 @@ def _state(model, optimizer, scaler, step: int) -> dict:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, plan: views.ViewPlan, ds: data.DataSet, rc: RunConfig, device: torch.device) -> dict:
-    """k-NN, linear probe and diagnostics of ``model.embed`` on the data set's test split."""
+    """k-NN, linear probe, diagnostics and the cluster quality of k-means (k = the number of classes) of
+    ``model.embed`` on the data set's test split; a model with ``assign`` also has its own clusters scored."""
     was_training = model.training
     model.eval()
     feats = [evaluate.extract_features(model.embed, s, ds.image_size, ds.mean, ds.std, device, num_workers=rc.num_workers)
@@ -730,6 +731,12 @@ def evaluate_model(model: nn.Module, plan: views.ViewPlan, ds: data.DataSet, rc:
         with torch.enable_grad():
             out["linear_top1"] = evaluate.linear_probe(tr_x, tr_y, te_x, te_y, ds.num_classes, epochs=rc.linear_epochs, seed=rc.seed)
     out.update(evaluate.diagnostics(te_x, *_view_pairs(model, plan, ds.test, device, rc.seed)))
+    kmeans = evaluate.kmeans_labels(te_x, ds.num_classes, seed=rc.seed)
+    out.update({f"kmeans_{k}": v for k, v in evaluate.cluster_quality(kmeans, te_y).items()})
+    if hasattr(model, "assign"):  # a clustering method's own assignments (prototypes, cluster heads)
+        own, _ = evaluate.extract_features(model.assign, ds.test, ds.image_size, ds.mean, ds.std, device,
+                                           num_workers=rc.num_workers)
+        out.update({f"assign_{k}": v for k, v in evaluate.cluster_quality(own.long(), te_y).items()})
     model.train(was_training)
     return out
 

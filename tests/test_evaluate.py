@@ -84,3 +84,45 @@ def test_decoded_split_features_equal_the_per_image_transform():
     slow = evaluate.extract_features(embed, per_image, 32, ds.mean, ds.std, torch.device("cpu"))
     torch.testing.assert_close(fast[0], slow[0], atol=1e-6, rtol=0)
     assert torch.equal(fast[1], slow[1])
+
+
+def cluster_accuracy_brute_force(pred, labels) -> float:
+    """Every one-to-one map of clusters to classes tried (small cases only)."""
+    import itertools
+
+    clusters, classes = sorted(set(pred.tolist())), sorted(set(labels.tolist()))
+    best = 0
+    for chosen in itertools.permutations(clusters, min(len(clusters), len(classes))):
+        for assigned in itertools.permutations(classes, len(chosen)):
+            m = dict(zip(chosen, assigned))
+            best = max(best, sum(m.get(p) == y for p, y in zip(pred.tolist(), labels.tolist())))
+    return best / len(labels)
+
+
+@pytest.mark.parametrize("n_clusters,n_classes,seed", [(3, 3, 0), (4, 3, 1), (2, 4, 2), (5, 5, 3)])
+def test_cluster_accuracy_is_the_best_matching(n_clusters, n_classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (30,), generator=g)
+    pred = torch.where(torch.rand(30, generator=g) < 0.6, labels % n_clusters, torch.randint(0, n_clusters, (30,), generator=g))
+    assert evaluate.cluster_accuracy(pred, labels) == pytest.approx(cluster_accuracy_brute_force(pred, labels))
+
+
+def test_cluster_quality_known_values():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    renamed = torch.tensor([5, 5, 9, 9, 1, 1, 1])  # the same partition under other names
+    assert evaluate.cluster_quality(renamed, labels) == pytest.approx({"nmi": 1.0, "ari": 1.0, "cluster_acc": 1.0})
+    one = torch.zeros(7, dtype=torch.long)  # everything in one cluster: no information
+    q = evaluate.cluster_quality(one, labels)
+    assert q["nmi"] == pytest.approx(0.0, abs=1e-12) and q["ari"] == pytest.approx(0.0, abs=1e-12)
+    assert q["cluster_acc"] == pytest.approx(3 / 7)
+    split = torch.tensor([0, 1, 2, 3, 4, 5, 6])  # one cluster per sample: only 3 can be matched
+    assert evaluate.cluster_accuracy(split, labels) == pytest.approx(3 / 7)
+
+
+def test_kmeans_recovers_separated_directions():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4, 16) * 5
+    labels = torch.arange(4).repeat_interleave(25)
+    x = centres[labels] + 0.3 * torch.randn(100, 16, generator=g)
+    pred = evaluate.kmeans_labels(x * torch.rand(100, 1, generator=g).add(0.5), 4)  # scale does not matter: cosine
+    assert evaluate.cluster_quality(pred, labels)["cluster_acc"] == 1.0

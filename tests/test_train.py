@@ -32,10 +32,22 @@ def test_train_writes_run_directory(tmp_path):
     assert {"config.json", "metrics.jsonl", "results.json"} <= {p.name for p in run.iterdir()}
     assert (run / "checkpoints" / "last.pt").is_file()
     saved = json.loads((run / "results.json").read_text())
-    assert set(saved["trained"]) >= {"knn_top1", "rankme", "feature_std", "uniformity", "alignment"}
+    assert set(saved["trained"]) >= {"knn_top1", "rankme", "feature_std", "uniformity", "alignment",
+                                     "kmeans_nmi", "kmeans_ari", "kmeans_cluster_acc"}
+    assert not any(k.startswith("assign_") for k in saved["trained"])  # SimCLR has no clusters of its own
     assert set(saved["random_init"]) == set(saved["trained"])
     assert saved["steps"] == 8 and len(losses(run)) == 8
     assert 0.0 <= res["trained"]["knn_top1"] <= 1.0
+
+
+def test_a_clustering_method_has_its_own_clusters_scored(tmp_path):
+    overrides = {"num_prototypes": "10", "proj_hidden_dim": "32", "proj_dim": "16", "n_local_crops": "0"}
+    res = train.train(train.RunConfig(method="swav", out=str(tmp_path / "run"), batch_size=64, steps=2,
+                                      linear_epochs=0, overrides=overrides, progress=False, knn_k=20))
+    for which in ("trained", "random_init"):
+        scores = res[which]
+        assert {"assign_nmi", "assign_ari", "assign_cluster_acc", "kmeans_nmi"} <= set(scores)
+        assert 0 <= scores["assign_nmi"] <= 1 and 0 <= scores["assign_cluster_acc"] <= 1
 
 
 def interrupt_at(monkeypatch, at: int) -> None:

@@ -152,7 +152,7 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
 
 @torch.no_grad()
 def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
-    """Dequeue and enqueue (Sec. 3.2), in place: keys (N_global, D) overwrite the oldest entries of
+    """Dequeue and enqueue (MoCo v1 Sec. 3.2), in place: keys (N_global, D) overwrite the oldest entries of
     queue (K, D), from ptr (a 0-d long tensor) on, wrapping around its end; ptr moves past them."""
     size = queue.shape[0]
     keys = keys[-size:]  # more keys than slots: the newest K

@@ -77,6 +77,8 @@ class Case:
     """A backbone with ``feature_dim``, instead of :func:`tiny_backbone` (e.g. a ViT for masking)."""
     grad_atol: float = 1e-6
     """Absolute tolerance of the gradient comparison (a missing 1/world_size is off by half, far above it)."""
+    prepare: Callable[[nn.Module], None] | None = None
+    """State set alike on every rank and in the one-process run before the forward (e.g. a full queue)."""
 
 
 CASES: dict[str, Case] = {
@@ -113,6 +115,12 @@ CASES: dict[str, Case] = {
                  batch=lambda cfg, n: {
         "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 8, 8, 4, 4))],
         "index": torch.arange(n), "label": torch.full((n,), -1)}),
+    # SwAV: multi-crop (two global, two local views), 8 prototypes, and a full queue of 8 embeddings per assigned
+    # view, so that the Sinkhorn problem spans the queue's shares and both ranks' columns; the queue is then written
+    "swav": Case(overrides={"num_prototypes": "8", "n_local_crops": "2", "queue_length": "8", "epoch_queue_starts": "0",
+                            "freeze_prototypes_epochs": "0"}, prepare=lambda model: _full_queue(model), batch=lambda cfg, n: {
+        "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 4, 4))],
+        "index": torch.arange(n), "label": torch.full((n,), -1)}),
     # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
     # embeddings, two sub-batches of 4 images drawn across both ranks, two random splits
     "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}),
@@ -139,6 +147,14 @@ CASES: dict[str, Case] = {
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }
+
+
+def _full_queue(model: nn.Module) -> None:
+    """SwAV's queue filled with unit vectors drawn from a fixed seed, marked full."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.queue.copy_(nn.functional.normalize(torch.randn(model.queue.shape, generator=g), dim=-1))
+        model.queue_filled.fill_(model.queue.shape[0])
 
 
 def case_for(method: str) -> Case:
@@ -194,6 +210,8 @@ def build(method: str) -> tuple[nn.Module, object, set[str]]:
     model = module.MODEL(backbone, backbone.feature_dim, cfg)
     if hasattr(model, "setup"):
         model.setup(NUM_SAMPLES, NUM_CLASSES)
+    if case.prepare is not None:
+        case.prepare(model)
     strip_batchnorm(model)
     own = {id(p) for p in backbone.parameters()}
     return model, cfg, {n for n, p in model.named_parameters() if id(p) in own}
