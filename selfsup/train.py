@@ -694,7 +694,9 @@ def finish(run: Run, seconds: float, log: RunLog) -> dict:
     trained, random_init = {}, {}
     if rc.evaluate:
         trained = evaluate_model(run.model, run.plan, run.ds, rc, run.device)
-        baseline = build_model(run.module, run.cfg, rc.backbone, run.ds, rc.seed).to(run.device)
+        baseline = build_model(run.module, run.cfg, rc.backbone, run.ds, rc.seed)
+        setup_model(baseline, rc, run.ds)  # heads sized to the data set, as the trained model's
+        baseline = baseline.to(run.device)
         random_init = evaluate_model(baseline, run.plan, run.ds, rc, run.device)
     results = {
         "method": Path(rc.method).stem, "dataset": run.ds.name, "backbone": rc.backbone,

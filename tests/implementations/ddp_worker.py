@@ -121,6 +121,18 @@ CASES: dict[str, Case] = {
                             "freeze_prototypes_epochs": "0"}, prepare=lambda model: _full_queue(model), batch=lambda cfg, n: {
         "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 4, 4))],
         "index": torch.arange(n), "label": torch.full((n,), -1)}),
+    # DeepCluster trains on the pseudo-labels of its last clustering: 4 clusters of uneven weights
+    "deepcluster": Case(overrides={"num_clusters": "4", "pca_dim": "8"}, prepare=lambda model: _pseudo_labels(model)),
+    # TWIST with multi-crop: two global and two local views; the batch-mean distribution of 16 classes over the
+    # global batch
+    "twist": Case(overrides={"num_classes": "16", "n_local_crops": "2"}, batch=lambda cfg, n: {
+        "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 4, 4))],
+        "index": torch.arange(n), "label": torch.full((n,), -1)}),
+    # IIC: x and three repeats, both heads every step (alternate false) so that both get gradients; head weights
+    # x1000: at the official N(0, 0.01) init the outputs are near uniform and I ~ 1e-8 is rounding noise
+    "iic": Case(overrides={"alternate": "false"}, prepare=lambda model: _sharpen_iic_heads(model),
+                batch=lambda cfg, n: {**generic_batch(cfg, n), "views": [
+        torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1 + v)) for v in range(4)]}),
     # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
     # embeddings, two sub-batches of 4 images drawn across both ranks, two random splits
     "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}),
@@ -155,6 +167,20 @@ def _full_queue(model: nn.Module) -> None:
     with torch.no_grad():
         model.queue.copy_(nn.functional.normalize(torch.randn(model.queue.shape, generator=g), dim=-1))
         model.queue_filled.fill_(model.queue.shape[0])
+
+
+def _pseudo_labels(model: nn.Module) -> None:
+    """DeepCluster's state after a clustering: a label per sample and the clusters' loss weights."""
+    with torch.no_grad():
+        model.assignments.copy_(torch.arange(NUM_SAMPLES) % 4)
+        model.weights.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+
+
+def _sharpen_iic_heads(model: nn.Module) -> None:
+    """IIC's sub-head weights scaled up, so that the outputs are far from uniform."""
+    with torch.no_grad():
+        for head in (model.main_head, model.over_head):
+            head.linear.weight.mul_(1000)
 
 
 def case_for(method: str) -> Case:
