@@ -236,6 +236,61 @@ def run_overhead(
     return record
 
 
+def run_epoch_hook(
+    data: str, method_ids: list[str] | None, out_file: Path, data_dir: str | None = None,
+    backbone: str = "small_cnn", device: str = "auto", workers: int = 2, preset: str = "paper",
+) -> dict:
+    """For each method with an ``on_epoch_start`` hook: the seconds of one hook at epoch 0 on the whole
+    training set, split into the features pass (``features()``, the evaluation transform through
+    ``embed``) and the rest (k-means, PCA, Sinkhorn over the set, head resets)."""
+    ids = [m for m in _implemented(method_ids) if hasattr(methods.load_method_module(m).MODEL, "on_epoch_start")]
+    rows, previous = {}, {}
+    if out_file.is_file():
+        previous = json.loads(out_file.read_text())
+        rows = {(r["method"], r.get("backbone"), r.get("device")): r for r in previous.get("rows", [])}
+    dev_name = device_description(device)
+    record = {
+        "benchmark": "epoch-hook",
+        "title": "Whole-data-set epoch hooks: seconds per hook",
+        "description": previous.get("description") or (
+            "One on_epoch_start at epoch 0 with the method's paper preset: the features pass over the whole "
+            "training set (evaluation transform, the model's embed) and the method's own work on them "
+            "(k-means, PCA whitening, Sinkhorn-Knopp over the set). Methods whose hook needs no features "
+            "have only the second."),
+        "dataset": Path(data).name.split(".")[0] if "/" in data else data,
+        "device": dev_name, "date": datetime.date.today().isoformat(), "command": _command_line(), "rows": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="selfsup-epoch-hook-") as tmp:
+        for m in ids:
+            rc = train.RunConfig(method=m, data=data, data_dir=data_dir, backbone=backbone, steps=1, device=device,
+                                 num_workers=workers, preset=preset, evaluate=False, progress=False, out=f"{tmp}/{m}")
+            run = train.build_run(rc)
+            timing = {}
+
+            def features(run=run, timing=timing):
+                t = time.perf_counter()
+                out = train._train_features(run)
+                _sync(run.device)
+                timing["features"] = time.perf_counter() - t
+                return out
+
+            t = time.perf_counter()
+            with torch.no_grad():
+                run.model.on_epoch_start(0, run.epochs, features)
+            _sync(run.device)
+            total = time.perf_counter() - t
+            feats = timing.get("features")
+            row = {"method": m, "backbone": backbone, "device": dev_name, "num_samples": len(run.ds.train),
+                   "hook_features_s": round(feats, 2) if feats is not None else None,
+                   "hook_work_s": round(total - (feats or 0.0), 2)}
+            rows[(m, backbone, dev_name)] = row
+            print(f"{m}: features {row['hook_features_s']} s, work {row['hook_work_s']} s", file=sys.stderr)
+            record["rows"] = sorted(rows.values(), key=lambda r: (r["method"], r["backbone"], r["device"]))
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            out_file.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def _command_line() -> str | None:
     """The command that produced the file, without the (long) description."""
     if sys.argv[1:2] != ["bench"]:

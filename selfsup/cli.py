@@ -325,6 +325,13 @@ def cmd_bench(args) -> int:
                      f"{r['train_step_loader_s']:.3f} s", f"{r['device_ratio']:.2f}", f"{r['loader_ratio']:.2f}"]
                     for r in record["rows"]]
             print(_table(rows, ["method", "backbone", "pure step", "train (device)", "train (loader)", "ratio", "ratio (loader)"], {}))
+        elif args.name == "epoch-hook":
+            record = bench.run_epoch_hook(args.data, ids, out, data_dir=args.data_dir, backbone=args.backbone,
+                                          device=args.device, workers=args.workers, preset=args.preset or "paper")
+            rows = [[r["method"], r["backbone"], str(r["num_samples"]),
+                     "–" if r["hook_features_s"] is None else f"{r['hook_features_s']:.1f} s", f"{r['hook_work_s']:.1f} s"]
+                    for r in record["rows"]]
+            print(_table(rows, ["method", "backbone", "images", "features", "work"], {}))
         else:
             record = bench.run_benchmark(
                 args.name, args.data, ids, out, Path(args.runs_dir), data_dir=args.data_dir, backbone=args.backbone,
@@ -383,9 +390,10 @@ def _add_train_commands(sub) -> None:
 
     s = sub.add_parser("bench", help="train every implemented method under one budget; write benchmarks/results/NAME.json",
                        description="NAME 'overhead' measures the harness: the pure model step beside the train step "
-                       "with device and loader views (--data: e.g. the CIFAR-10 archive); any other NAME trains every "
-                       "method and records k-NN / linear accuracy beside random init.")
-    s.add_argument("name", help="benchmark name, e.g. knn-digits, or overhead")
+                       "with device and loader views (--data: e.g. the CIFAR-10 archive); 'epoch-hook' times one "
+                       "whole-data-set epoch hook (k-means, Sinkhorn over the set) per method that has one; any other "
+                       "NAME trains every method and records k-NN / linear accuracy beside random init.")
+    s.add_argument("name", help="benchmark name, e.g. knn-digits, overhead or epoch-hook")
     s.add_argument("--data", default="digits", help="as for train (default: digits)")
     s.add_argument("--data-dir")
     s.add_argument("--methods", help="comma-separated ids (default: every implemented method)")

@@ -108,6 +108,8 @@ METRICS = [
     Metric("assign_ari", "Own clusters ARI", "score"),
     Metric("assign_cluster_acc", "Own clusters acc. (%)", "accuracy"),
     Metric("train_seconds", "Train time (s)", "seconds"),
+    Metric("hook_features_s", "Epoch hook: features pass (s)", "step"),
+    Metric("hook_work_s", "Epoch hook: clustering / assignment (s)", "step"),
     Metric("pure_step_s", "Pure step (s)", "step"),
     Metric("train_step_device_s", "Train step, device views (s)", "step"),
     Metric("train_step_loader_s", "Train step, loader views (s)", "step"),
@@ -140,6 +142,8 @@ class MeasuredRow(BaseModel):
     assign_ari: float | None = Field(default=None, ge=-1, le=1)
     assign_cluster_acc: float | None = Field(default=None, ge=0, le=1)
     train_seconds: float | None = Field(default=None, ge=0)
+    hook_features_s: float | None = Field(default=None, ge=0)
+    hook_work_s: float | None = Field(default=None, ge=0)
     pure_step_s: float | None = Field(default=None, gt=0)
     train_step_device_s: float | None = Field(default=None, gt=0)
     train_step_loader_s: float | None = Field(default=None, gt=0)

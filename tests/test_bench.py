@@ -73,3 +73,14 @@ def test_from_runs_records_a_matching_run_and_refuses_others(tmp_path):
         bench.run_benchmark("tiny", "digits", ["simclr"], tmp_path / "d.json", tmp_path / "runs", from_runs=[str(stale)], **kw)
     with pytest.raises(train.TrainingError, match="not a finished run"):
         bench.run_benchmark("tiny", "digits", ["simclr"], tmp_path / "e.json", tmp_path / "runs", from_runs=[str(tmp_path)], **kw)
+
+
+def test_epoch_hook_benchmark_times_features_and_work(tmp_path):
+    out = tmp_path / "hook.json"
+    record = bench.run_epoch_hook("digits", ["deepcluster", "iic", "simclr"], out, workers=0, preset="small")
+    rows = {r["method"]: r for r in record["rows"]}
+    assert set(rows) == {"deepcluster", "iic"}  # SimCLR has no epoch hook
+    dc = rows["deepcluster"]
+    assert dc["num_samples"] == 1437 and dc["hook_features_s"] > 0 and dc["hook_work_s"] > 0
+    assert rows["iic"]["hook_features_s"] is None  # its hook only switches heads
+    assert json.loads(out.read_text()) == record and record["benchmark"] == "epoch-hook"

@@ -133,6 +133,8 @@ CASES: dict[str, Case] = {
     "iic": Case(overrides={"alternate": "false"}, prepare=lambda model: _sharpen_iic_heads(model),
                 batch=lambda cfg, n: {**generic_batch(cfg, n), "views": [
         torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1 + v)) for v in range(4)]}),
+    # SeLa trains on setup's random equal partition (4 labels, 2 heads): the same on every rank
+    "sela": Case(overrides={"num_clusters": "4", "num_heads": "2"}),
     # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
     # embeddings, two sub-batches of 4 images drawn across both ranks, two random splits
     "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}),
