@@ -173,6 +173,8 @@ def pure_step_seconds(rc: train.RunConfig, steps: int = 20, warmup: int = 5) -> 
     """Seconds per model step on one fixed batch of finished views: forward, loss, backward, optimizer and
     the method's hooks, nothing of the data path (the floor the harness is measured against)."""
     run = train.build_run(rc)
+    if hasattr(run.model, "on_epoch_start"):  # pseudo-labels, prototypes: what the first step needs, as in train_loop
+        run.model.on_epoch_start(0, run.epochs, lambda encode=None: train._train_features(run, encode))
     _, batch = next(train.next_batches(run, 0))
     batch = train.make_views(run, batch, 0)
     run.ddp_model.train()
@@ -267,9 +269,9 @@ def run_epoch_hook(
             run = train.build_run(rc)
             timing = {}
 
-            def features(run=run, timing=timing):
+            def features(encode=None, run=run, timing=timing):
                 t = time.perf_counter()
-                out = train._train_features(run)
+                out = train._train_features(run, encode)
                 _sync(run.device)
                 timing["features"] = time.perf_counter() - t
                 return out

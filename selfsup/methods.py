@@ -43,7 +43,9 @@ Optional hooks, called when defined:
     queue bookkeeping, temperature or centre updates.
 ``on_epoch_start(epoch, total_epochs, features)``
     Before every epoch; ``features()`` returns embeddings of the whole training set in index order
-    (computed with the evaluation transform), e.g. for DeepCluster's k-means or PCL's prototypes.
+    (computed with the evaluation transform, the model in eval mode), e.g. for DeepCluster's k-means;
+    ``features(encode)`` uses ``encode(images) -> (n, D)`` in place of ``embed`` (e.g. PCL's momentum
+    encoder).
 ``assign(images) -> (N,)``
     A clustering method's own cluster index of each image (the nearest prototype, the argmax of a
     cluster head); the evaluation scores it against the labels (NMI, ARI, cluster accuracy) beside

@@ -679,7 +679,7 @@ def train_loop(run: Run, step: int) -> tuple[float, RunLog]:
         while step < run.total_steps:
             epoch, batch = next(batches)
             if hasattr(run.model, "on_epoch_start") and step % run.steps_per_epoch == 0:
-                run.model.on_epoch_start(epoch, run.epochs, lambda: _train_features(run))
+                run.model.on_epoch_start(epoch, run.epochs, lambda encode=None: _train_features(run, encode))
             batch = make_views(run, batch, step)
             outputs = train_step(run, batch, step)
             step += 1
@@ -775,11 +775,13 @@ def _check_collapse(model: nn.Module, batch: dict, threshold: float, step: int, 
 
 
 @torch.no_grad()
-def _train_features(run: Run) -> torch.Tensor:
+def _train_features(run: Run, encode=None) -> torch.Tensor:
+    """(N, D) features of the whole training set in index order, with the evaluation transform, from
+    ``encode`` (images -> (n, D); the model's ``embed`` by default), the model in eval mode."""
     was = run.model.training
     run.model.eval()
     ds = run.ds
-    feats, _ = evaluate.extract_features(run.model.embed, ds.train, ds.image_size, ds.mean, ds.std, run.device,
+    feats, _ = evaluate.extract_features(encode or run.model.embed, ds.train, ds.image_size, ds.mean, ds.std, run.device,
                                          num_workers=run.rc.num_workers)
     run.model.train(was)
     return feats

@@ -415,3 +415,18 @@ def test_an_entry_that_names_a_preset_trains_with_it_under_the_cpu_preset():
     assert all(getattr(v2, k) == v for k, v in small.items()) and v2.mlp and not v1.mlp
     paper = train.load_method_and_data(train.RunConfig(method="moco", preset="paper"))[2]
     assert paper == module.Config(**first)
+
+
+def test_epoch_hook_features_are_the_whole_set_in_index_order_from_any_encoder(tmp_path):
+    run = train.build_run(train.RunConfig(out=str(tmp_path / "run"), **TINY))
+    n = len(run.ds.train)
+    first = run.ds.train.pixels[:3].float()
+    mean = torch.tensor(run.ds.mean).view(1, 3, 1, 1)
+    std = torch.tensor(run.ds.std).view(1, 3, 1, 1)
+    want = (first / 255 - mean) / std  # the evaluation transform of digits: already 32 px, only normalised
+    flat = train._train_features(run, lambda x: x.flatten(1))
+    assert flat.shape == (n, want[0].numel())
+    torch.testing.assert_close(flat[:3], want.flatten(1))
+    run.model.train()
+    feats = train._train_features(run)  # the model's embed, in eval mode, which is then restored
+    assert feats.shape == (n, run.model.backbone.feature_dim) and run.model.training
