@@ -163,28 +163,30 @@ def local_crop_size(cfg: Config, image_size: int) -> int:
     return max(8, 8 * round(image_size * cfg.local_crop_ratio / 8))
 
 
+def multicrop_view(size: int, scale: tuple[float, float], image_size: int, mean, std) -> v2.Compose:
+    """One crop of multi-crop at side ``size``: random resized crop of area ``scale``, flip, colour jitter
+    (0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2, blur p=0.5 for images of 64 px or more (official
+    ``get_color_distortion`` with s = 1 and ``PILRandomGaussianBlur``). It takes a PIL image or a uint8
+    tensor."""
+    steps = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if image_size >= 64:  # sigma 0.1-2 px, kernel 10% of the crop's side
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
 def augmentations(cfg: Config, image_size: int, mean=(0.485, 0.456, 0.406), std=(0.228, 0.224, 0.225)) -> list[v2.Compose]:
-    """2 global crops, then M local crops, each its own v2 pipeline: random resized crop, flip, colour
-    jitter (0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2, blur p=0.5 (official ``get_color_distortion``
-    with s = 1 and ``PILRandomGaussianBlur``). Each takes a PIL image or a uint8 tensor."""
-
-    def make(size: int, scale: tuple[float, float]) -> v2.Compose:
-        steps = [
-            v2.ToImage(),
-            v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-        ]
-        if image_size >= 64:  # sigma 0.1-2 px, kernel 10% of the crop's side
-            kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
-            steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-        return v2.Compose(steps)
-
+    """2 global crops, then M local crops, each its own v2 pipeline (official multicropdataset.py)."""
     local = local_crop_size(cfg, image_size)
-    return [make(image_size, cfg.global_crop_scale) for _ in range(2)] + [
-        make(local, cfg.local_crop_scale) for _ in range(cfg.n_local_crops)]
+    return [multicrop_view(image_size, cfg.global_crop_scale, image_size, mean, std) for _ in range(2)] + [
+        multicrop_view(local, cfg.local_crop_scale, image_size, mean, std) for _ in range(cfg.n_local_crops)]
 
 
 # --- backbone on crops of several sizes -----------------------------------------------------------

@@ -133,6 +133,9 @@ CASES: dict[str, Case] = {
     "iic": Case(overrides={"alternate": "false"}, prepare=lambda model: _sharpen_iic_heads(model),
                 batch=lambda cfg, n: {**generic_batch(cfg, n), "views": [
         torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1 + v)) for v in range(4)]}),
+    # DeepCluster-v2 after a clustering of a spread memory (two heads of 4 and 3 prototypes); the step's memory
+    # writes, gathered across ranks, are among the buffers compared
+    "deepcluster-v2": Case(overrides={"num_prototypes": "4,3"}, prepare=lambda model: _spread_memory_clustered(model)),
     # SeLa trains on setup's random equal partition (4 labels, 2 heads): the same on every rank
     "sela": Case(overrides={"num_clusters": "4", "num_heads": "2"}),
     # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
@@ -176,6 +179,14 @@ def _pseudo_labels(model: nn.Module) -> None:
     with torch.no_grad():
         model.assignments.copy_(torch.arange(NUM_SAMPLES) % 4)
         model.weights.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+
+
+def _spread_memory_clustered(model: nn.Module) -> None:
+    """DeepCluster-v2's memory filled with unit vectors from a fixed seed, then clustered (epoch 1's hook)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.memory.copy_(nn.functional.normalize(torch.randn(model.memory.shape, generator=g), dim=-1))
+    model.on_epoch_start(1, 10, None)
 
 
 def _sharpen_iic_heads(model: nn.Module) -> None:
