@@ -326,7 +326,7 @@ def momentum_grouping(groups: torch.Tensor, z: torch.Tensor, beta: float | torch
 
 
 @torch.no_grad()
-def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int) -> torch.Tensor:
+def group_kmeans(x: torch.Tensor, init: torch.Tensor, iters: int) -> torch.Tensor:
     """Spherical k-means from the seeds init (K, D): assign each row of x (M, D) (this rank's share) to its
     nearest centre by dot product, move each centre to the normalised mean of its rows (sums all-reduced),
     ``iters`` times; an empty cluster keeps its centre (official ``cluster_memory``)."""
@@ -397,7 +397,7 @@ class SMoG(nn.Module):
                 out.append(self.groups[h])
                 continue
             seeds = x[shared_randperm(len(x), x.device)[:k]]
-            out.append(kmeans(x.chunk(world)[rank], seeds, self.cfg.kmeans_iters))
+            out.append(group_kmeans(x.chunk(world)[rank], seeds, self.cfg.kmeans_iters))
         return torch.stack(out)
 
     def forward(self, batch: dict) -> dict:
@@ -468,7 +468,7 @@ class SMoG(nn.Module):
             for h in range(self.cfg.num_heads):
                 x = self.memory[h % 2]  # (n, D)
                 seeds = x[rows[shared_randperm(len(rows), rows.device)[: self.cfg.num_groups]]]
-                self.groups[h] = kmeans(x[rows[rank::world]], seeds, self.cfg.kmeans_iters)
+                self.groups[h] = group_kmeans(x[rows[rank::world]], seeds, self.cfg.kmeans_iters)
         if self.cfg.reset_target:
             for t, o in zip(self.target.parameters(), self.online.parameters()):
                 t.copy_(o)

@@ -123,6 +123,13 @@ CASES: dict[str, Case] = {
         "index": torch.arange(n), "label": torch.full((n,), -1)}),
     # DeepCluster trains on the pseudo-labels of its last clustering: 4 clusters of uneven weights
     "deepcluster": Case(overrides={"num_clusters": "4", "pca_dim": "8"}, prepare=lambda model: _pseudo_labels(model)),
+    # ODC: memories of 16 samples in 4 clusters of sizes 6, 5, 3, 2 (rank 0's rows all in cluster 0, rank 1's in
+    # 3, 1, 2, 1: different loss weights per rank); the step end recomputes the centroids and dissolves cluster 3
+    # (below min_cluster_size 3) and refills it by a split; no dropout (its masks are drawn per rank)
+    "odc": Case(overrides={"num_clusters": "4", "neck_hidden_dim": "16", "neck_dim": "8", "neck_dropout": "0",
+                           "min_cluster_size": "3", "centroids_update_interval": "1"},
+                prepare=lambda model: model.init_memory(torch.randn(16, 8, generator=torch.Generator().manual_seed(4)),
+                                                        torch.tensor([0, 0, 0, 0, 3, 1, 2, 1, 0, 0, 1, 1, 1, 2, 2, 3]))),
     # TWIST with multi-crop: two global and two local views; the batch-mean distribution of 16 classes over the
     # global batch
     "twist": Case(overrides={"num_classes": "16", "n_local_crops": "2"}, batch=lambda cfg, n: {
@@ -133,11 +140,49 @@ CASES: dict[str, Case] = {
     "iic": Case(overrides={"alternate": "false"}, prepare=lambda model: _sharpen_iic_heads(model),
                 batch=lambda cfg, n: {**generic_batch(cfg, n), "views": [
         torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1 + v)) for v in range(4)]}),
+    # SCAN's clustering stage (the pretext stage is SimCLR's check): mined neighbours (batch mates and others), a
+    # bank of sharp stored predictions, heads x20 so that the entropy of the global mean prediction has a gradient;
+    # four views (the anchor is the strong one), Cutout off (its per-rank draws would differ from one process)
+    "scan": Case(overrides={"num_clusters": "4", "num_heads": "2", "num_neighbors": "3", "cutout_fraction": "0"},
+                 prepare=lambda m: (m.stage.fill_(1), m.mined.fill_(True), m.best_head.fill_(1),
+                                    m.neighbors.copy_((torch.arange(NUM_SAMPLES)[:, None] + torch.tensor([1, 5, 9])) % NUM_SAMPLES),
+                                    m.bank.copy_(torch.softmax(3 * torch.randn(m.bank.shape, generator=torch.Generator().manual_seed(2)), -1)),
+                                    [h.weight.data.mul_(20) for h in m.heads]),
+                 batch=lambda cfg, n: {**generic_batch(cfg, n), "views": [
+        torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1 + v)) for v in range(4)]}),
+    # PCL after an E-step, alike on every rank: at 6 clusters the global batch (indices 0-7) holds all of them
+    # (each rank's half only 4), at 8 clusters 4 of them, and 2 of the other 4 are drawn as negatives; uneven phi
+    "pcl": Case(overrides={"num_clusters": "6,8", "queue_size": "16", "num_negative_prototypes": "2"},
+                prepare=lambda model: model.set_clusters(
+                    [torch.arange(NUM_SAMPLES) % 6, torch.arange(NUM_SAMPLES) // 2],
+                    [nn.functional.normalize(torch.randn(k, 8, generator=torch.Generator().manual_seed(k)), dim=1) for k in (6, 8)],
+                    [torch.linspace(0.1, 0.3, 6), torch.linspace(0.05, 0.4, 8)])),
     # DeepCluster-v2 after a clustering of a spread memory (two heads of 4 and 3 prototypes); the step's memory
     # writes, gathered across ranks, are among the buffers compared
     "deepcluster-v2": Case(overrides={"num_prototypes": "4,3"}, prepare=lambda model: _spread_memory_clustered(model)),
+    # DCCM: 3 clusters, a 16-wide discriminator, the last linear layer x30 so that the originals' predictions
+    # give a graph with links and separations across the two ranks' halves and confident pseudo-labels
+    "dccm": Case(overrides={"num_clusters": "3", "mi_hidden_dim": "16"},
+                 prepare=lambda model: model.head.hidden[3].weight.data.mul_(30)),
+    # DEC in its KL stage: the epoch hook's k-means and target P over 16 images whose embeddings differ per rank
+    # (x(1 + rank), as per-rank BN statistics make them), so that only rank 0's broadcast centres and q agree;
+    # the last encoder layer x100, since a fresh narrow MLP maps all images to nearly one z (q, P near uniform)
+    "dec": Case(overrides={"hidden_dims": "16,16,32", "embed_dim": "4", "recon_size": "4", "num_clusters": "3"},
+                prepare=lambda model: (model.encoder[-1].weight.data.mul_(100), model.on_epoch_start(
+                    model.cfg.pretrain_epochs, 2, lambda encode: encode(torch.randn(
+                        NUM_SAMPLES, 3, 8, 8, generator=torch.Generator().manual_seed(2)))
+                    * (1 + (dist.get_rank() if dist.is_initialized() else 0))))),
     # SeLa trains on setup's random equal partition (4 labels, 2 heads): the same on every rank
     "sela": Case(overrides={"num_clusters": "4", "num_heads": "2"}),
+    # NAT re-optimises the targets of the global batch of 8 (epoch 0 reassigns) by gathering features and indices:
+    # the loss, gradients and the assignment buffer P must equal one process's; no dropout (its masks differ by shard)
+    "noise-as-targets": Case(overrides={"dropout": "0.0"}),
+    # Local Aggregation in its LA stage: 8 background neighbours in a bank of 16, two fixed clusterings (4
+    # clusters each) set alike everywhere; the bank update must hold both ranks' rows
+    "local-aggregation": Case(overrides={"background_k": "8", "num_kmeans": "2", "kmeans_k": "4"},
+                              prepare=lambda model: (model.cluster_labels.copy_(torch.stack(
+                                  [torch.arange(NUM_SAMPLES) % 4, torch.arange(NUM_SAMPLES) // 4])),
+                                  model.aggregating.fill_(True))),
     # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
     # embeddings, two sub-batches of 4 images drawn across both ranks, two random splits
     "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}),
@@ -161,6 +206,11 @@ CASES: dict[str, Case] = {
     "lejepa": Case(overrides={"num_slices": "16"}, batch=lambda cfg, n: {
         "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((8, 8, 4, 4))],
         "index": torch.arange(n), "label": torch.full((n,), -1)}),
+    # GCC past its pretext epochs: a 5-NN graph of 16 samples and a bank (z, q) from seeded random features, so
+    # that RGC (gathered keys, bank neighbours), AGC (global columns, the same neighbour draw) and the bank write run
+    "gcc": Case(overrides={"num_clusters": "4"}, prepare=lambda model: model.build_graph(
+        torch.randn(NUM_SAMPLES, 8, generator=torch.Generator().manual_seed(2)),
+        torch.randn(NUM_SAMPLES, 4, generator=torch.Generator().manual_seed(3)).softmax(dim=1))),
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }

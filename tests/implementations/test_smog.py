@@ -100,14 +100,14 @@ def test_momentum_grouping_rule():
 def test_kmeans_recovers_separated_clusters_and_is_a_fixed_point():
     centres = torch.eye(3, 5, dtype=torch.float64)
     x = F.normalize(centres.repeat_interleave(10, 0) + 0.05 * torch.randn(30, 5, dtype=torch.float64), dim=1)
-    out = smog.kmeans(x, x[[0, 10, 20]], iters=10)
+    out = smog.group_kmeans(x, x[[0, 10, 20]], iters=10)
     torch.testing.assert_close(out, centres, atol=0.05, rtol=0)
     # after convergence every centre is the normalised mean of the rows nearest to it (Lloyd's fixed point)
     a = smog.assign(x, out)
     for j in range(3):
         torch.testing.assert_close(out[j], F.normalize(x[a == j].mean(0), dim=0))
     empty = torch.cat([x[[0, 10, 20]], -torch.ones(1, 5, dtype=torch.float64) / 5 ** 0.5])  # nobody's nearest
-    torch.testing.assert_close(smog.kmeans(x, empty, iters=3)[3], empty[3])
+    torch.testing.assert_close(smog.group_kmeans(x, empty, iters=3)[3], empty[3])
 
 
 def test_group_momentum_schedule():
