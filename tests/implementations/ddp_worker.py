@@ -185,7 +185,9 @@ CASES: dict[str, Case] = {
                                   model.aggregating.fill_(True))),
     # W-MSE whitens sub-batches of w_size images in proj_dim dimensions (it needs w_size > proj_dim): 2-d
     # embeddings, two sub-batches of 4 images drawn across both ranks, two random splits
-    "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}),
+    # whitening makes the first projector bias's gradient ~0 (centring), where float32 summation order left one of
+    # 16 entries 1.4e-6 off in a CI run; its gradients are compared at 1e-5, as VIbCReg's
+    "w-mse": Case(overrides={"proj_dim": "2", "w_size": "4", "w_iter": "2"}, grad_atol=1e-5),
     # Zero-CL whitens 8-d outputs of 8 images: both second moments are rank 7 after standardisation, and at the
     # paper's eps 0.01 the null direction amplifies float32 noise 10x; eps 0.1 keeps it within the tolerance
     "zero-cl": Case(overrides={"whiten_eps": "0.1"}),

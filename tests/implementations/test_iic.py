@@ -262,8 +262,11 @@ def test_assign_uses_the_lowest_loss_sub_head_and_embed():
     model(batch)
     first = model.sub_head_loss.clone()
     assert bool(model.sub_head_seen) and first.abs().sum() > 0  # the first step: the losses themselves
+    shifted = first + 1.0  # a known running value: the same batch gives the same losses again
+    model.sub_head_loss.copy_(shifted)
     model(batch)
-    assert not torch.equal(model.sub_head_loss, first)  # then a running mean
+    m = cfg.subhead_loss_momentum  # then a running mean
+    torch.testing.assert_close(model.sub_head_loss, m * shifted + (1 - m) * first)
     model.eval()
     x = batch["views"][0][:6]
     assert model.embed(x).shape == (6, model.backbone.feature_dim)
