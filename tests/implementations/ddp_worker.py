@@ -216,6 +216,8 @@ CASES: dict[str, Case] = {
     # masked modeling without cross-sample terms: each image's loss uses only its own patches, and the random
     # masks are drawn per rank, so two ranks cannot reproduce one process's masks
     "mae": Case(skip="no cross-sample term: each image's loss uses only its own patches and its own random mask"),
+    "simmim": Case(skip="no cross-sample term: each image's loss uses only its own pixels and its own random mask, "
+                        "and every image masks the same number of pixels, so the per-rank means equal the global one"),
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }
