@@ -218,6 +218,8 @@ CASES: dict[str, Case] = {
     "mae": Case(skip="no cross-sample term: each image's loss uses only its own patches and its own random mask"),
     "simmim": Case(skip="no cross-sample term: each image's loss uses only its own pixels and its own random mask, "
                         "and every image masks the same number of pixels, so the per-rank means equal the global one"),
+    "data2vec": Case(skip="no cross-sample term: each masked patch is scored against its own image's teacher target "
+                          "(normalised per token or within the image), and the block masks are drawn per rank"),
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }
