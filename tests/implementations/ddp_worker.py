@@ -220,6 +220,10 @@ CASES: dict[str, Case] = {
                         "and every image masks the same number of pixels, so the per-rank means equal the global one"),
     "data2vec": Case(skip="no cross-sample term: each masked patch is scored against its own image's teacher target "
                           "(normalised per token or within the image), and the block masks are drawn per rank"),
+    "i-jepa": Case(skip="no cross-sample term: each image's loss uses only its own patches (per-token layer norm); the "
+                        "block sizes and the context truncation are drawn per rank's batch, as the official collator does"),
+    "aim": Case(skip="no cross-sample term: each image's loss uses only its own patches after its own random prefix, "
+                     "and the prefix lengths are drawn per rank"),
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }
