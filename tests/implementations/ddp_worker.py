@@ -224,8 +224,8 @@ CASES: dict[str, Case] = {
                         "block sizes and the context truncation are drawn per rank's batch, as the official collator does"),
     "aim": Case(skip="no cross-sample term: each image's loss uses only its own patches after its own random prefix, "
                      "and the prefix lengths are drawn per rank"),
-    "maskfeat": Case(skip="no cross-sample term: each image's HOG target and block mask are its own (masks drawn per "
-                          "rank), and every image masks the same number of patches"),
+    "maskfeat": Case(skip="no cross-sample term: each image's HOG target and block mask are its own, and the masks are "
+                          "drawn per rank"),
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }
