@@ -21,7 +21,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile  # one worker per core; a file's tests (and its fixtures) stay on one worker
 
 site: setup
 	$(SELFSUP) site build --strict

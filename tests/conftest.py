@@ -24,3 +24,17 @@ def private_cache(tmp_path_factory):
         os.environ.pop("SELFSUP_CACHE", None)
     else:
         os.environ["SELFSUP_CACHE"] = old
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker gets its share of the cores:
+    torch's default of one thread per core in every worker would oversubscribe the machine."""
+    import os
+
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for the commands the tests launch
