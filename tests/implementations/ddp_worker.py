@@ -226,6 +226,8 @@ CASES: dict[str, Case] = {
                      "and the prefix lengths are drawn per rank"),
     "maskfeat": Case(skip="no cross-sample term: each image's HOG target and block mask are its own, and the masks are "
                           "drawn per rank"),
+    "beit": Case(skip="no cross-sample term: each masked patch is scored against its own image's token from a fixed, "
+                      "seeded codebook (the same on every rank), and the masks are drawn per rank"),
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }
