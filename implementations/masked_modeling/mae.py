@@ -88,6 +88,9 @@ class Config:
 # - base_lr 1.5e-3, warm-up 2 epochs: 330 steps at batch 64 under the paper's rate (3.75e-5 after the
 #   batch scaling) hardly move the encoder;
 # - min_scale 0.4: 20% crops of an 8x8 digit upscaled to 32 px leave a blob (as the other small presets).
+# With it: k-NN 56.1% against 55.3% at random init, linear 96.7% against 96.9%. Tried: base_lr 4e-3, k-NN 63.6% but
+# linear 94.4%: the CLS token (the official probe's feature, which no loss term reads directly) moves further
+# from what a linear probe separates; the preset keeps the rate that leaves the linear probe level.
 PRESETS = {"small": dict(decoder_dim=128, decoder_depth=2, decoder_heads=4, base_lr=1.5e-3, warmup_epochs=2,
                          min_scale=0.4)}
 
