@@ -185,7 +185,7 @@ def cli(*args):
     "args,message",
     [
         (["train", "simclrr"], "unknown method 'simclrr'; did you mean 'simclr'?"),
-        (["train", "mae"], "'mae' is in the catalog but has no implementation yet"),
+        (["train", "balestriero-2023-cookbook"], "'balestriero-2023-cookbook' is in the catalog but has no implementation yet"),  # a survey
         (["train", "simclr", "--set", "temprature=0.2"], "has no config field 'temprature'; did you mean 'temperature'?"),
         (["train", "simclr", "--set", "temperature"], "--set expects name=value"),
         (["train", "simclr", "--set", "temperature=hot"], "--set temperature=hot: could not convert string to float"),
