@@ -228,6 +228,15 @@ CASES: dict[str, Case] = {
                           "drawn per rank"),
     "beit": Case(skip="no cross-sample term: each masked patch is scored against its own image's token from a fixed, "
                       "seeded codebook (the same on every rank), and the masks are drawn per rank"),
+    "cae": Case(skip="no cross-sample term: each image's loss uses only its own patches, its own block mask and its "
+                     "own encoder target"),
+    # iBOT's two centres ([CLS] and patch tokens) are gathered across ranks: a ViT, 16-px global views (masked
+    # patches, the MIM term) and 8-px local views, small heads
+    "ibot": Case(overrides={"out_dim": "16", "patch_out_dim": "16"},
+                 backbone=lambda: backbones.ViT(backbones.ViTConfig(image_size=16, patch_size=4, dim=16, depth=1, heads=2)),
+                 batch=lambda cfg, n: {
+                     "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((16, 16, 8, 8))],
+                     "index": torch.arange(n), "label": torch.full((n,), -1)}),
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }
