@@ -237,6 +237,13 @@ CASES: dict[str, Case] = {
                  batch=lambda cfg, n: {
                      "views": [torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate((16, 16, 8, 8))],
                      "index": torch.arange(n), "label": torch.full((n,), -1)}),
+    "data2vec-2": Case(skip="no cross-sample term: each masked patch is scored against its own image's teacher target, "
+                            "the CLS target is the image's own mean, and the masks are drawn per rank"),
+    # SiT: the NT-Xent of the contrastive tokens is gathered across ranks; rotations and corruptions (drawn per
+    # rank) are turned off so that two ranks see the views one process sees; a ViT for the extra tokens
+    "atito-2021-sit": Case(overrides={"contrastive_dim": "8", "rotate": "false", "gray_prob": "0", "blur_prob": "0",
+                                      "max_noise_drop": "0", "max_replace_drop": "0"},
+                           backbone=lambda: backbones.ViT(backbones.ViTConfig(image_size=8, patch_size=4, dim=16, depth=1, heads=2))),
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
 }
