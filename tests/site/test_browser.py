@@ -475,10 +475,13 @@ def _visible_methods(page: Page) -> list[str]:
 def test_property_filters(page, built_site, artifacts):
     from selfsup.site import display_name
 
-    methods = [e for e in built_site.catalog if e.kind == "method"]
+    every = [e for e in built_site.catalog if e.kind == "method"]
+    methods = [e for e in every if e.properties.get("uses_labels") is False]  # labelled ones hidden at first
+    assert 0 < len(methods) < len(every)
     page.open("compare/properties/")
     tab = page.tab
     assert int(tab.text_content("#method-count")) == len(methods) == len(_visible_methods(page))
+    assert "NCA" not in _visible_methods(page)
 
     tab.select_option('[data-property="negatives"]', "no")
     tab.select_option('[data-property="momentum-encoder"]', "no")
@@ -502,6 +505,9 @@ def test_property_filters(page, built_site, artifacts):
 
     page.open("compare/properties/?negatives=no&momentum_encoder=no")
     assert int(tab.text_content("#method-count")) == len(expected)
+    page.open("compare/properties/?uses-labels=")
+    assert int(tab.text_content("#method-count")) == len(every)
+    assert "NCA" in _visible_methods(page)
     page.assert_clean()
 
 

@@ -1,6 +1,7 @@
 // Filters of the properties matrix (compare/properties.md): each row carries its property values as
 // data-p-<property> attributes; a row stays visible when it has every chosen value, and #method-count
-// shows how many do. Filters can be preset from the query string, e.g. ?negatives=no&momentum-encoder=no.
+// shows how many do. Filters can be preset from the query string, e.g. ?negatives=no&momentum-encoder=no; the
+// page starts with uses-labels=no (the <option selected>), which ?uses-labels= clears.
 (function () {
   function setup() {
     var table = document.getElementById("property-matrix");
@@ -28,8 +29,8 @@
     if (params.has("family")) family.value = params.get("family");
     selects.forEach(function (s) {
       var name = s.dataset.property;
-      var value = params.get(name) || params.get(name.replace(/-/g, "_"));
-      if (value) s.value = value;
+      var key = params.has(name) ? name : name.replace(/-/g, "_");
+      if (params.has(key)) s.value = params.get(key);  // ?uses-labels= (empty) shows every method
     });
 
     form.addEventListener("change", apply);
