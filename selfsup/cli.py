@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("list", help="list catalog entries as a table, with filters")
     s.add_argument("--family", help="family id, e.g. contrastive (also matches secondary families)")
-    s.add_argument("--kind", help="method, theory, analysis, survey, benchmark, application or dataset")
+    s.add_argument("--kind", help="method, theory, analysis, survey, benchmark or application")
     s.add_argument("--modality", help="modality id, e.g. image, video, audio")
     s.add_argument("--year", help="a year (2020) or a range (2019-2021, 2020-)")
     s.add_argument("--implemented", action="store_true", help="only entries with a reference implementation")
