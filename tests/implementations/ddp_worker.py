@@ -246,6 +246,9 @@ CASES: dict[str, Case] = {
                            backbone=lambda: backbones.ViT(backbones.ViTConfig(image_size=8, patch_size=4, dim=16, depth=1, heads=2))),
     "hua-2021-decorrelation": Case(overrides={"proj_dim": "4", "num_groups": "2"}, batch=lambda cfg, n: {
         **generic_batch(cfg, n), "views": [20 * v for v in generic_batch(cfg, n)["views"]]}),
+    # four augmentations: 6 augmentation pairs, negatives rolled by 1-6 over the global batch of 8 (most cross ranks)
+    "relational-reasoning": Case(batch=lambda cfg, n: {**generic_batch(cfg, n), "views": [
+        torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1 + v)) for v in range(4)]}),
 }
 
 
