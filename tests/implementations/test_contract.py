@@ -142,4 +142,5 @@ SHARED_HELPERS = {"gather_with_grad", "_GatherWithGrad", "ema_update", "ema_rate
                   "invariance_loss", "variance_loss", "covariance_loss", "enqueue", "multicrop_features",
                   "kmeans", "nearest_centroid", "multicrop_view", "encode_in_groups", "shuffled_keys",
                   "replace_input_conv", "nt_xent", "random_masking", "patchify", "sincos_2d",
-                  "batch_center", "_wide", "_distributed", "projection_mlp", "prediction_mlp"}
+                  "batch_center", "_wide", "_distributed", "projection_mlp", "prediction_mlp",
+                  "four_rotations"}
