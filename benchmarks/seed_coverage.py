@@ -332,8 +332,9 @@ def default_seed_files() -> list[Path]:
     return files
 
 
-def catalog_titles(catalog_dir: Path) -> dict[str, str]:
-    """id -> title for every catalog file with a title (entries with other problems still count)."""
+def catalog_titles(catalog_dir: Path) -> dict[str, list[str]]:
+    """id -> [title, former titles...] for every catalog file with a title (entries with other problems still
+    count); a paper published under a new title is still cited under its arXiv one."""
     try:
         from selfsup.catalog import read_yaml
     except ImportError:  # running without the package installed
@@ -345,22 +346,23 @@ def catalog_titles(catalog_dir: Path) -> dict[str, str]:
         data, problem = read_yaml(path)
         if problem or not isinstance(data, dict) or not isinstance(data.get("title"), str):
             continue
-        out[str(data.get("id") or path.stem)] = data["title"]
+        former = data.get("former_titles") if isinstance(data.get("former_titles"), list) else []
+        out[str(data.get("id") or path.stem)] = [data["title"], *(f for f in former if isinstance(f, str))]
     return out
 
 
-def match(papers: list[SeedPaper], titles: dict[str, str]) -> dict[int, str | None]:
-    """index in papers -> matching catalog id (or None)."""
-    norm = {eid: normalize_title(t) for eid, t in titles.items()}
+def match(papers: list[SeedPaper], titles: dict[str, list[str]]) -> dict[int, str | None]:
+    """index in papers -> matching catalog id (or None); an entry matches by its title or a former one."""
+    norm = [(eid, normalize_title(t)) for eid, ts in titles.items() for t in ts]
     exact: dict[str, str] = {}
-    for eid, t in norm.items():
+    for eid, t in norm:
         exact.setdefault(t, eid)
     result: dict[int, str | None] = {}
     for i, p in enumerate(papers):
         key = p.key
         eid = exact.get(key)
         if eid is None:
-            eid = next((e for e, t in norm.items() if titles_match(key, t)), None)
+            eid = next((e for e, t in norm if titles_match(key, t)), None)
         result[i] = eid
     return result
 

@@ -103,6 +103,10 @@ class Entry(BaseModel):
         default=None, max_length=40, description="Short display name, e.g. 'SimCLR', 'MoCo v2'."
     )
     title: str = Field(min_length=3)
+    former_titles: list[str] = Field(
+        default_factory=list,
+        description="Titles of earlier versions (e.g. the first arXiv version) under which the paper is also cited.",
+    )
     authors: list[str] = Field(
         description="Full author list in paper order; may be partial only if author_count says so."
     )

@@ -126,8 +126,9 @@ def _concepts(entry: Any) -> list[str]:
 
 
 def keywords(entry: Any, name: str) -> list[str]:
-    """The words an entry page is found by, weighted above its body: name, id, authors, catalog tags and
-    the synonyms of its mechanisms; each once, in that order."""
+    """The words an entry page is found by, weighted above its body: name, id, authors, catalog tags, the
+    titles of earlier versions (a paper is still cited under its arXiv title) and the synonyms of its
+    mechanisms; each once, in that order."""
     # The id only where it holds words the name lacks ("rizhko-2025-astrom3" for AstroM3): a repeated
     # word counts twice, and would rank "SimCLR v2" (name and id "simclr-v2") above SimCLR for "simclr".
     words = [
@@ -135,6 +136,7 @@ def keywords(entry: Any, name: str) -> list[str]:
         *([entry.id] if set(_words(entry.id)) - set(_words(name)) else []),
         *entry.authors,
         *entry.tags,
+        *getattr(entry, "former_titles", ()),
     ]
     for concept in _concepts(entry):
         words += SYNONYMS[concept]
